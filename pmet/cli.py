@@ -1,0 +1,308 @@
+"""The `pmet` command: edit, apply, revert, stats.
+
+Bad input ends with one line on stderr (`error: <file>: record N: field 'x': problem`) and exit code 2;
+outputs (report, patch, saved model) are written only after the whole job succeeded, each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, PmetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
+console = Console(stderr=True)
+out_console = Console()
+
+MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict) -> Any:
+    from .config import ABLATIONS, MEMIT_OVERRIDES, PRESET_BY_MODEL_TYPE, load_config
+
+    name = config or lm.preset or PRESET_BY_MODEL_TYPE.get(lm.model.config.model_type)
+    if name is None:
+        raise ConfigError(f"no preset for model type '{lm.model.config.model_type}': pass --config FILE")
+    extra: dict[str, Any] = {}
+    if method == "memit":
+        extra.update(MEMIT_OVERRIDES)
+    elif method != "pmet":
+        raise ConfigError(f"unknown --method '{method}' (pmet or memit)")
+    if ablation:
+        if ablation not in ABLATIONS:
+            raise ConfigError(f"unknown --ablation '{ablation}' (choose from {', '.join(ABLATIONS)})")
+        extra.update(ABLATIONS[ablation])
+    return load_config(name, **{**extra, **overrides})
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _save_model_atomic(lm: Any, out: Path) -> None:
+    """save_pretrained (with tokenizer) into a temp folder next to `out`, then move it in place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        lm.model.save_pretrained(tmp)
+        lm.tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _measure(lm: Any, layout: Any, requests: list) -> list[dict]:
+    """Top-1 and P(target_new) on every request prompt, paraphrase and neighbourhood prompt (one batch)."""
+    from .probe import probe
+
+    prompts, targets, where = [], [], []
+    for i, r in enumerate(requests):
+        prompts.append(r.text)
+        targets.append(r.target_new)
+        where.append((i, "request", r.text))
+        for kind, ps in (("paraphrase", r.paraphrase_prompts), ("neighborhood", r.neighborhood_prompts)):
+            for p in ps:
+                prompts.append(p)
+                targets.append(r.target_new)
+                where.append((i, kind, p))
+    probes = probe(lm.model, lm.tok, layout, prompts, targets)
+    out: list[dict] = [{"request": None, "checks": []} for _ in requests]
+    for (i, kind, p), pr in zip(where, probes, strict=True):
+        if kind == "request":
+            out[i]["request"] = pr.to_dict()
+        else:
+            out[i]["checks"].append({"prompt": p, "kind": kind, **pr.to_dict()})
+    return out
+
+
+def _table(rows: list[dict]) -> Table:
+    t = Table(title="PMET edit: before → after", show_lines=False)
+    for col in ("#", "prompt", "target_new", "top-1 before", "P(new) before", "top-1 after", "P(new) after",
+                "paraphrases P↑", "neighbours top-1 kept"):
+        t.add_column(col, overflow="fold")
+    for i, r in enumerate(rows, 1):
+        para = [c for c in r["checks"] if c["kind"] == "paraphrase"]
+        neigh = [c for c in r["checks"] if c["kind"] == "neighborhood"]
+        para_up = sum(c["after"]["p_target_new"] > c["before"]["p_target_new"] for c in para)
+        kept = sum(c["after"]["top1"] == c["before"]["top1"] for c in neigh)
+        flipped = r["after"]["top1"].strip() and r["after"]["top1"] != r["before"]["top1"]
+        t.add_row(
+            str(i), r["prompt"], r["target_new"], repr(r["before"]["top1"]), f"{r['before']['p_target_new']:.3f}",
+            ("[green]" if flipped else "") + repr(r["after"]["top1"]), f"{r['after']['p_target_new']:.3f}",
+            f"{para_up}/{len(para)}" if para else "-", f"{kept}/{len(neigh)}" if neigh else "-",
+        )
+    return t
+
+
+@app.command()
+def edit(
+    requests: Path = typer.Option(..., "--requests", "-r", help="JSONL, JSON or CSV file of edit requests."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
+    method: str = typer.Option("pmet", help="pmet, or memit (the baseline: one δ on the layer output, even spread)."),
+    ablation: str | None = typer.Option(None, help="no-attn-delta | update-attn | even-spread (Table 3)."),
+    report: Path | None = typer.Option(None, "--report", help="Write the before/after report JSON here."),
+    out: Path | None = typer.Option(None, "--out", help="Write the patch (patch.safetensors) into this folder."),
+    save_model: bool = typer.Option(False, "--save-model", help="With --out: also save the edited model there."),
+    corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
+    stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
+    limit: int | None = typer.Option(None, help="Use only the first N requests."),
+    layers: str | None = typer.Option(None, help="Override the critical layers, e.g. 3,4,5,6,7."),
+    seed: int | None = typer.Option(None, help="Seed of the context templates and self-sampled corpora."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
+    cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Apply all requests to a model as ONE batch edit and show what each edit did."""
+    from .arch import layout_of
+    from .editor import edit as run_edit
+    from .models import load_model
+    from .requests import load_requests
+
+    try:
+        if save_model and out is None:
+            raise ConfigError("--save-model needs --out DIR")
+        reqs = load_requests(requests, limit=limit)
+        t0 = time.perf_counter()
+        with console.status(f"loading {model}"):
+            lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        load_s = time.perf_counter() - t0
+        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed,
+                     "layers": [int(x) for x in layers.split(",")] if layers else None}
+        cfg = _config_for(lm, config, method, ablation, overrides)
+        layout = layout_of(lm.model)
+        t = time.perf_counter()
+        before = _measure(lm, layout, reqs)
+        measure_s = time.perf_counter() - t
+        result = run_edit(lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir, model_name=model,
+                          progress=not quiet)
+        t = time.perf_counter()
+        after = _measure(lm, layout, reqs)
+        measure_s += time.perf_counter() - t
+    except PmetError as e:
+        _fail(str(e))
+        return
+    rows = []
+    for r, b, a, d in zip(reqs, before, after, result.diagnostics(), strict=True):
+        rows.append({
+            "subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+            "before": b["request"], "after": a["request"],
+            "checks": [{"prompt": cb["prompt"], "kind": cb["kind"],
+                        "before": {"top1": cb["top1"], "p_target_new": cb["p_target_new"]},
+                        "after": {"top1": ca["top1"], "p_target_new": ca["p_target_new"]}}
+                       for cb, ca in zip(b["checks"], a["checks"], strict=True)],
+            "diagnostics": d,
+        })
+    out_console.print(_table(rows))
+    flipped = sum(r["after"]["top1"] != r["before"]["top1"] for r in rows)
+    out_console.print(f"{flipped}/{len(rows)} requests changed their top-1; C0 from {_stats_line(result.stats)}; "
+                      f"timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    data = {
+        "model": model, "config": cfg.to_dict(),
+        "timings": {"load": load_s, **result.timings, "measure": measure_s},
+        "stats": result.stats, "context_templates": result.context_templates,
+        "delta_norms": result.delta_norms(), "requests": rows,
+    }
+    if out is not None:
+        path = result.save(out)
+        if save_model:
+            _save_model_atomic(lm, out / "model")
+        out_console.print(f"patch written to {path}" + (f"; edited model in {out / 'model'}" if save_model else ""))
+    if report is not None:
+        _write_json_atomic(report, data)
+        out_console.print(f"report written to {report}")
+
+
+def _stats_line(stats: dict) -> str:
+    parts = []
+    for comp, info in stats.items():
+        if isinstance(info, dict):
+            kind = info.get("corpus_kind", "?")
+            label = "text sampled from the model itself" if kind == "self" else info.get("corpus", "?")
+            parts.append(f"{comp}: {label}, {info.get('n_tokens', '?')} tokens")
+    return "; ".join(parts) or "given"
+
+
+@app.command()
+def apply(
+    patch: Path = typer.Argument(..., help="patch.safetensors, or the folder holding it."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="Save the patched model (save_pretrained format) here."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    cache_dir: Path | None = typer.Option(None),
+) -> None:
+    """Apply a saved patch to the same base model and save the edited model."""
+    from .models import load_model
+    from .patch import EditResult
+
+    try:
+        p = EditResult.load(patch)
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        p.apply(lm.model)
+        _save_model_atomic(lm, out)
+    except PmetError as e:
+        _fail(str(e))
+    out_console.print(f"applied {len(p.updates)} weight updates for {len(p.requests)} requests; saved to {out}")
+
+
+@app.command()
+def revert(
+    patch: Path = typer.Argument(..., help="patch.safetensors, or the folder holding it."),
+    model: str = typer.Option(..., "--model", "-m", help="The edited model (directory, or any model source)."),
+    out: Path = typer.Option(..., "--out", help="Save the restored model here."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    cache_dir: Path | None = typer.Option(None),
+) -> None:
+    """Restore the original weights of an edited model, bit-exactly, from its patch."""
+    from .models import load_model
+    from .patch import EditResult, revert_patch
+
+    try:
+        p = EditResult.load(patch)
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        revert_patch(lm.model, p)
+        _save_model_atomic(lm, out)
+    except PmetError as e:
+        _fail(str(e))
+    out_console.print(f"restored {len(p.updates)} weights; saved to {out}")
+
+
+@app.command()
+def stats(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    corpus: str = typer.Option("auto", help="A text file/folder, hf:DATASET[:CONFIG[:SPLIT]], self or auto."),
+    tokens: int = typer.Option(100_000, "--tokens", help="Number of corpus tokens."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Preset or file giving the critical layers."),
+    layers: str | None = typer.Option(None, help="Layers, e.g. 3,4,5 (default: the config's)."),
+    component: str = typer.Option("ffn", help="ffn (FFN output projection keys) or attn (MHSA output projection)."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("auto"),
+    cache_dir: Path | None = typer.Option(None),
+    force: bool = typer.Option(False, help="Recompute even if cached."),
+) -> None:
+    """Compute and cache C0 = E[k kᵀ] for all critical layers in one pass over a corpus."""
+    from .models import fingerprint, load_model
+    from .stats import get_c0
+
+    try:
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        if layers:
+            layer_list = [int(x) for x in layers.split(",")]
+        else:
+            layer_list = _config_for(lm, config, "pmet", None, {}).layers
+        if component not in ("ffn", "attn"):
+            raise ConfigError("--component must be ffn or attn")
+        c0, info = get_c0(lm.model, lm.tok, layer_list, corpus, tokens, component=component, cache_dir=cache_dir,
+                          fingerprint=fingerprint(lm.model), force=force)
+    except PmetError as e:
+        _fail(str(e))
+        return
+    d = info.to_dict() if hasattr(info, "to_dict") else vars(info)
+    kind = d.get("corpus_kind")
+    out_console.print(f"C0 for layers {layer_list} ({component}) from "
+                      f"{'text sampled from the model itself' if kind == 'self' else d.get('corpus')}: "
+                      f"{d.get('n_tokens')} tokens, {d.get('seconds', 0):.1f} s")
+    for layer, t in sorted(c0.items()):
+        out_console.print(f"  layer {layer}: {tuple(t.shape)}, trace {float(t.trace()):.4g}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted: no output written")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,576 @@
+"""C0 = E[k kᵀ] (paper Eq. 9): the uncentred second moment of the keys of an edited projection over a corpus.
+
+A key is the input of the edited projection (the FFN output projection by default, Eq. 12), one per
+non-padding token. Eq. 9 writes C0 = K0 K0ᵀ = λ E_k[k kᵀ]; this module estimates E_k[k kᵀ] (λ is applied by
+the solver). All requested layers are read in ONE pass over the corpus: the forward pass is stopped right
+after the highest requested layer's edited module (`Trace(stop_after=...)`), so layers above it never run.
+Kᵀ K is accumulated in float64, one matmul per layer per batch, and divided by the token count at the end.
+
+Corpora (`parse_corpus`):
+- ``PATH``: a text file, or a folder of text files (``*.txt``, ``*.raw``, ``*.md``, recursive, sorted);
+  every non-blank line is one text, kept as it is in the file (trailing newline included).
+- ``hf:DATASET[:CONFIG][:SPLIT]``: a Hugging Face dataset, streamed with the optional `datasets` library;
+  the text column is ``text`` and the split defaults to ``train``.
+- ``self``: text sampled from the model itself (see `iter_corpus_texts`).
+- ``auto``: ``hf:Salesforce/wikitext:wikitext-103-raw-v1:train`` when `datasets` is importable and the hub
+  reachable, else ``self`` with a logged warning; `StatsInfo.corpus_kind` says which one was used.
+
+Tokenization and packing: each text is tokenized with the tokenizer's defaults (so a BOS is added per text
+exactly when the tokenizer adds one by default; nothing else is inserted), the token streams of consecutive
+texts are concatenated and cut into sequences of `seq_len` tokens (greedy packing: a long text spills into
+the next sequence), and sequences are batched and right-padded. Only positions with attention_mask == 1 are
+counted, and the last batch is trimmed so that exactly `n_tokens` keys enter the mean.
+
+Cache (`get_c0`): one safetensors file per layer (never pickle) under
+``cache_root()/stats/<fingerprint>/<module>__<corpus_id>__<n_tokens>__<dtype>.safetensors``, written
+atomically; a ``__s<seq_len>`` suffix is added before the extension only when seq_len differs from the default
+256, so that statistics taken with another context length are never mixed up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch import layout_of
+from .errors import CorpusError
+from .hooks import Trace
+from .models import cache_root
+from .models import fingerprint as model_fingerprint
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".raw", ".md")
+AUTO_HF = "Salesforce/wikitext:wikitext-103-raw-v1:train"
+DEFAULT_SEQ_LEN = 256
+# "self" corpus: sampling settings (documented choices).
+SELF_BATCH = 32  # sequences generated per call of model.generate
+SELF_NEW_TOKENS = 128  # new tokens per sequence (fewer when the model emits EOS)
+SELF_TOP_K = 50  # top-k sampling, temperature 1 (Hugging Face's default top_k)
+SELF_STARTS = ("The", "In", "A", "It", "This", "When", "He", "She", "There", "After", "On", "We")
+_NO_DATASETS = "corpus '{spec}': the `datasets` library is not installed (pip install 'pmet[hf]')"
+_TOKENIZE_CHUNK = 64  # texts tokenized per tokenizer call
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A statistics corpus: kind 'file' (ident = resolved path), 'hf' (ident = DATASET[:CONFIG][:SPLIT])
+    or 'self' (ident = 'self')."""
+
+    kind: str
+    ident: str
+
+    def __str__(self) -> str:
+        return {"file": self.ident, "hf": f"hf:{self.ident}"}.get(self.kind, self.kind)
+
+
+@dataclass
+class StatsInfo:
+    """What a C0 estimate was computed from, and how (Eq. 9)."""
+
+    corpus: str  # the corpus as a string: a path, 'hf:...' or 'self'
+    corpus_kind: str  # 'file' | 'hf' | 'self' (what 'auto' resolved to)
+    n_tokens: int
+    dtype: str  # dtype of the model the keys were read from
+    seconds: float
+    from_cache: dict[int, bool] = field(default_factory=dict)
+    fingerprint: str | None = None
+    component: str = "ffn"
+    modules: dict[int, str] = field(default_factory=dict)
+    seq_len: int = DEFAULT_SEQ_LEN
+    corpus_id: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------- corpora
+
+
+def _hf_available() -> bool:
+    return importlib.util.find_spec("datasets") is not None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _split_hf(ident: str) -> tuple[str, str | None, str]:
+    parts = ident.split(":")
+    dataset = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return dataset, config, split
+
+
+def _corpus_files(path: Path, label: str) -> list[Path]:
+    """The text files of a file corpus, sorted; CorpusError if missing, unreadable or an empty folder."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise CorpusError(
+                f"corpus '{label}': folder has no text files ({', '.join('*' + s for s in TEXT_SUFFIXES)})"
+            )
+    elif path.exists():
+        raise CorpusError(f"corpus '{label}': not a regular file or folder")
+    else:
+        raise CorpusError(f"corpus '{label}': no such file or folder")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise CorpusError(f"corpus '{label}': cannot read {f}")
+    return files
+
+
+def parse_corpus(spec: str | CorpusSpec) -> CorpusSpec:
+    """Parse 'PATH', 'hf:DATASET[:CONFIG][:SPLIT]', 'self' or 'auto' (see the module docstring).
+
+    Raises CorpusError (one line, naming the corpus) for a missing or unreadable path, a folder without text
+    files, or an 'hf:' corpus when the `datasets` library is not installed.
+    """
+    if isinstance(spec, CorpusSpec):
+        return spec
+    spec = spec.strip()
+    if spec == "self":
+        return CorpusSpec("self", "self")
+    if spec == "auto":
+        if _hf_available() and _hub_reachable():
+            return CorpusSpec("hf", AUTO_HF)
+        why = "the `datasets` library is not installed" if not _hf_available() else "the hub is unreachable"
+        log.warning("corpus 'auto': %s; sampling the statistics corpus from the model itself ('self')", why)
+        return CorpusSpec("self", "self")
+    if spec.startswith("hf:"):
+        ident = spec[3:]
+        if not _split_hf(ident)[0]:
+            raise CorpusError(f"corpus '{spec}': expected hf:DATASET[:CONFIG][:SPLIT]")
+        if not _hf_available():
+            raise CorpusError(_NO_DATASETS.format(spec=spec))
+        return CorpusSpec("hf", ident)
+    if not spec:
+        raise CorpusError("corpus '': empty corpus name (give a path, hf:DATASET, self or auto)")
+    path = Path(spec).expanduser()
+    _corpus_files(path, spec)
+    return CorpusSpec("file", str(path.resolve()))
+
+
+def _iter_file_texts(spec: CorpusSpec) -> Iterator[str]:
+    for f in _corpus_files(Path(spec.ident), spec.ident):
+        try:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if line.strip():
+                        yield line
+        except OSError as e:
+            raise CorpusError(f"corpus '{spec.ident}': cannot read {f}: {e.strerror or e}") from None
+
+
+def _iter_hf_texts(spec: CorpusSpec) -> Iterator[str]:
+    if not _hf_available():
+        raise CorpusError(_NO_DATASETS.format(spec=spec))
+    import datasets  # optional dependency
+
+    dataset, config, split = _split_hf(spec.ident)
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split, streaming=True)
+        for row in ds:
+            if "text" not in row:
+                raise CorpusError(f"corpus '{spec}': the dataset has no 'text' column")
+            text = row["text"]
+            if isinstance(text, str) and text.strip():
+                yield text
+    except CorpusError:
+        raise
+    except Exception as e:  # the datasets library raises many kinds of errors (network, missing config, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorpusError(f"corpus '{spec}': cannot load the dataset ({first})") from None
+
+
+def _bos_is_document_start(tok: PreTrainedTokenizerBase) -> bool:
+    """True when the BOS token marks a document start: the tokenizer adds it by default (Llama, Gemma) or it
+    is also the end-of-text token (GPT-2's <|endoftext|>). SmolLM2's BOS is the chat token <|im_start|>,
+    which the tokenizer does not add: such a model is started from generic words instead."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    if bos == tok.eos_token_id:
+        return True
+    return bos in tok("a")["input_ids"] and bos not in tok("a", add_special_tokens=False)["input_ids"]
+
+
+def _iter_self_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, seed: int) -> Iterator[str]:
+    """Endless texts sampled from the model: batches of SELF_BATCH sequences of up to SELF_NEW_TOKENS new
+    tokens, top-k (k=SELF_TOP_K) sampling at temperature 1, with the KV cache. Each batch starts from the BOS
+    token when it marks document starts, else from one of SELF_STARTS (batch i uses start i mod 12, so no
+    padding is needed). Batch i is sampled under torch seed (seed, i), so the stream is deterministic."""
+    device = next(model.parameters()).device
+    use_bos = _bos_is_document_start(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    empty_batches = 0
+    i = 0
+    while True:
+        if use_bos:
+            prompt = torch.full((SELF_BATCH, 1), tok.bos_token_id, dtype=torch.long)
+        else:
+            ids = tok(SELF_STARTS[i % len(SELF_STARTS)])["input_ids"]
+            prompt = torch.tensor([ids] * SELF_BATCH, dtype=torch.long)
+        prompt = prompt.to(device)
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed * 1_000_003 + i)
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_k=SELF_TOP_K,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=SELF_NEW_TOKENS,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+        skip = prompt.shape[1] if use_bos else 0  # keep the generic start word, drop a BOS
+        texts = [t for t in tok.batch_decode(out[:, skip:], skip_special_tokens=True) if t.strip()]
+        empty_batches = 0 if texts else empty_batches + 1
+        if empty_batches >= 10:
+            raise CorpusError("corpus 'self': the model generated no text in 10 batches")
+        yield from texts
+        i += 1
+
+
+def iter_corpus_texts(
+    spec: CorpusSpec | str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, *, seed: int = 0
+) -> Iterator[str]:
+    """The texts of a corpus, in order: non-blank lines of the file(s), the 'text' column of a dataset, or
+    (endlessly) texts sampled from `model` (deterministic given `seed`; see `_iter_self_texts`)."""
+    spec = parse_corpus(spec)
+    if spec.kind == "file":
+        return _iter_file_texts(spec)
+    if spec.kind == "hf":
+        return _iter_hf_texts(spec)
+    if spec.kind == "self":
+        return _iter_self_texts(model, tok, seed)
+    raise CorpusError(f"corpus '{spec}': unknown kind '{spec.kind}'")
+
+
+# --------------------------------------------------------------------------------------- packing, keys
+
+
+def pack_sequences(texts: Iterable[str], tok: PreTrainedTokenizerBase, seq_len: int) -> Iterator[list[int]]:
+    """Tokenize texts (tokenizer defaults) and cut the concatenated token stream into sequences of
+    `seq_len` tokens; the last one may be shorter."""
+    buf: list[int] = []
+    chunk: list[str] = []
+
+    def flush() -> Iterator[list[int]]:
+        nonlocal buf
+        for ids in tok(chunk)["input_ids"]:
+            buf.extend(ids)
+        chunk.clear()
+        while len(buf) >= seq_len:
+            yield buf[:seq_len]
+            buf = buf[seq_len:]
+
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) >= _TOKENIZE_CHUNK:
+            yield from flush()
+    if chunk:
+        yield from flush()
+    if buf:
+        yield buf
+
+
+def iter_batches(
+    texts: Iterable[str], tok: PreTrainedTokenizerBase, *, seq_len: int, batch_size: int, pad_id: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) CPU batches of packed sequences, right-padded with `pad_id`."""
+    batch: list[list[int]] = []
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, s in enumerate(batch):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[r, : len(s)] = 1
+        return ids, mask
+
+    for seq in pack_sequences(texts, tok, seq_len):
+        batch.append(seq)
+        if len(batch) == batch_size:
+            yield make()
+            batch = []
+    if batch:
+        yield make()
+
+
+def batch_keys(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    modules: list[str],
+    *,
+    stop_after: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run one batch under no_grad and return, per module, its inputs at attention_mask == 1 positions as an
+    (n_tokens, d_in) matrix in row-major (row, position) order. Stops after `stop_after` if given."""
+    device = next(model.parameters()).device
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    with torch.no_grad(), Trace(model, inputs=modules, stop_after=stop_after) as tr:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    keep = mask.bool()
+    return {m: tr.inputs[m][keep] for m in modules}
+
+
+def c0_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """E[k kᵀ] over the rows of `keys` (n, d), in float64: the C0 of Eq. 9 (without λ)."""
+    k = keys.reshape(-1, keys.shape[-1]).to(torch.float64)
+    return k.T @ k / k.shape[0]
+
+
+def _model_dtype(model: PreTrainedModel) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _max_positions(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def compute_c0(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layers: list[int],
+    corpus: CorpusSpec | str,
+    n_tokens: int,
+    *,
+    component: str = "ffn",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], StatsInfo]:
+    """Estimate C0 = E[k kᵀ] (Eq. 9) at the input of `layout.edited_module(l, component)` for every layer in
+    `layers`, over exactly `n_tokens` non-padding tokens of `corpus`, in one pass that stops after the highest
+    layer's edited module. Returns {layer: (d_in, d_in) float64 CPU tensor} and a StatsInfo (fingerprint
+    None, from_cache all False). CorpusError if the corpus is empty or has fewer than `n_tokens` tokens."""
+    start = time.perf_counter()
+    spec = parse_corpus(corpus)
+    layout = layout_of(model)
+    layers = sorted(set(layers))
+    if not layers:
+        raise ValueError("compute_c0: no layers requested")
+    if component not in ("ffn", "attn"):
+        raise ValueError(f"compute_c0: component must be 'ffn' or 'attn', not '{component}'")
+    bad = [l for l in layers if not 0 <= l < layout.n_layers]
+    if bad:
+        raise ValueError(f"compute_c0: layers {bad} out of range (model has {layout.n_layers})")
+    if n_tokens <= 0:
+        raise ValueError(f"compute_c0: n_tokens must be positive, not {n_tokens}")
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        log.info("seq_len %d exceeds the model's %d positions; using %d", seq_len, limit, limit)
+        seq_len = limit
+    names = {l: layout.edited_module(l, component) for l in layers}
+    stop_after = names[layers[-1]]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    sums: dict[int, torch.Tensor] = {}
+    counted = 0
+    texts = iter_corpus_texts(spec, model, tok, seed=seed)
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="C0 keys", disable=not progress) as bar:
+        for ids, mask in iter_batches(texts, tok, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id):
+            remaining = n_tokens - counted
+            # Drop whole rows the count no longer needs (only ever in the last batch).
+            rows = int(torch.searchsorted(mask.sum(1).cumsum(0), remaining)) + 1
+            ids, mask = ids[:rows], mask[:rows]
+            keys = batch_keys(model, ids, mask, list(names.values()), stop_after=stop_after)
+            take = min(remaining, int(mask.sum()))
+            for l, name in names.items():
+                k = keys[name][:take].to(torch.float64)
+                if l not in sums:
+                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
+                sums[l].addmm_(k.T, k)
+            counted += take
+            bar.update(take)
+            if counted >= n_tokens:
+                break
+    if counted == 0:
+        raise CorpusError(f"corpus '{spec}': empty (no text to read statistics from)")
+    if counted < n_tokens:
+        raise CorpusError(
+            f"corpus '{spec}': only {counted} tokens, fewer than the {n_tokens} requested (ask for fewer)"
+        )
+    c0 = {l: (s / counted).cpu() for l, s in sums.items()}
+    info = StatsInfo(
+        corpus=str(spec),
+        corpus_kind=spec.kind,
+        n_tokens=counted,
+        dtype=_model_dtype(model),
+        seconds=time.perf_counter() - start,
+        from_cache={l: False for l in layers},
+        fingerprint=None,
+        component=component,
+        modules=names,
+        seq_len=seq_len,
+    )
+    log.info("C0 for layers %s from %d tokens of %s in %.1f s", layers, counted, spec, info.seconds)
+    return c0, info
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.") or "corpus"
+
+
+def corpus_id(spec: CorpusSpec, *, seed: int = 0) -> str:
+    """A short filesystem-safe id of a corpus: file name + hash of (paths, sizes, mtimes); the dataset id;
+    or 'self-seed{seed}'."""
+    if spec.kind == "file":
+        files = _corpus_files(Path(spec.ident), spec.ident)
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return f"{_safe(Path(spec.ident).name)[:48]}-{h.hexdigest()[:12]}"
+    if spec.kind == "hf":
+        return _safe(spec.ident)[:96]
+    return f"self-seed{seed}"
+
+
+def _cache_file(folder: Path, module: str, cid: str, n_tokens: int, dtype: str, seq_len: int) -> Path:
+    suffix = "" if seq_len == DEFAULT_SEQ_LEN else f"__s{seq_len}"
+    return folder / f"{module}__{cid}__{n_tokens}__{dtype}{suffix}.safetensors"
+
+
+def _load_cached(path: Path, n_tokens: int) -> torch.Tensor | None:
+    """The cached C0 at `path`, or None if absent; a file that fails to load is reported and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = f.get_tensor("mom2")
+        if t.dtype != torch.float64 or t.dim() != 2 or t.shape[0] != t.shape[1]:
+            raise ValueError(f"unexpected tensor {tuple(t.shape)} {t.dtype}")
+        if meta.get("n_tokens") not in (None, str(n_tokens)):
+            raise ValueError(f"n_tokens {meta.get('n_tokens')} != {n_tokens}")
+        return t
+    except Exception as e:  # a corrupt file can fail in many ways; it is simply recomputed
+        log.warning("statistics cache %s is unreadable (%s); recomputing it", path, e)
+        return None
+
+
+def _save_atomic(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write {'mom2': tensor} as safetensors to a temp file in the same folder, then os.replace it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def get_c0(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layers: list[int],
+    corpus: str | CorpusSpec,
+    n_tokens: int,
+    *,
+    component: str = "ffn",
+    cache_dir: str | os.PathLike | None = None,
+    fingerprint: str | None = None,
+    force: bool = False,
+    **kw,
+) -> tuple[dict[int, torch.Tensor], StatsInfo]:
+    """C0 = E[k kᵀ] (Eq. 9) per layer, from the cache when present, else computed (the missing layers only,
+    in one pass) and cached. `kw` goes to `compute_c0` (seq_len, batch_size, seed, progress). `force`
+    recomputes every layer. A cache that cannot be written (OSError) is reported and skipped."""
+    start = time.perf_counter()
+    spec = parse_corpus(corpus)
+    layout = layout_of(model)
+    layers = sorted(set(layers))
+    fp = fingerprint or model_fingerprint(model)
+    dtype = _model_dtype(model)
+    seq_len = kw.get("seq_len", DEFAULT_SEQ_LEN)
+    limit = _max_positions(model)
+    if limit is not None:
+        seq_len = min(seq_len, limit)
+    cid = corpus_id(spec, seed=kw.get("seed", 0))
+    folder = cache_root(cache_dir) / "stats" / fp
+    names = {l: layout.edited_module(l, component) for l in layers}
+    paths = {l: _cache_file(folder, names[l], cid, n_tokens, dtype, seq_len) for l in layers}
+
+    c0: dict[int, torch.Tensor] = {}
+    if not force:
+        for l in layers:
+            t = _load_cached(paths[l], n_tokens)
+            if t is not None:
+                c0[l] = t
+    cached = set(c0)
+    missing = [l for l in layers if l not in cached]
+    if missing:
+        computed, cinfo = compute_c0(model, tok, missing, spec, n_tokens, component=component, **kw)
+        for l in missing:
+            meta = {
+                "n_tokens": str(cinfo.n_tokens),
+                "corpus": cinfo.corpus,
+                "corpus_kind": cinfo.corpus_kind,
+                "module": names[l],
+                "dtype": dtype,
+                "fingerprint": fp,
+                "seq_len": str(cinfo.seq_len),
+            }
+            try:
+                _save_atomic(paths[l], computed[l], meta)
+            except OSError as e:
+                log.warning("cannot write the statistics cache %s (%s); continuing without it", paths[l], e)
+            c0[l] = computed[l]
+    else:
+        log.info("C0 for layers %s loaded from %s", layers, folder)
+    info = StatsInfo(
+        corpus=str(spec),
+        corpus_kind=spec.kind,
+        n_tokens=n_tokens,
+        dtype=dtype,
+        seconds=time.perf_counter() - start,
+        from_cache={l: l in cached for l in layers},
+        fingerprint=fp,
+        component=component,
+        modules=names,
+        seq_len=seq_len,
+        corpus_id=cid,
+    )
+    return {l: c0[l] for l in layers}, info
