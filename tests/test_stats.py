@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pmet import stats
@@ -25,16 +24,7 @@ from pmet.stats import (
     parse_corpus,
 )
 
-SENTENCES = [
-    "The Eiffel Tower is located in Paris, the capital of France.",
-    "Danielle Darrieux's mother tongue is French.",
-    "The cat sat on the mat and looked at the dog.",
-    "Toko Yasuda plays the guitar in a band from New York.",
-    "Autonomous University of Madrid is located in Spain.",
-    "Thomas Joannes Stieltjes was a Dutch mathematician.",
-    "In 1999 the company moved its headquarters to London.",
-    "She wrote three novels, two plays and many short stories.",
-]
+from .tiny import SENTENCES, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,18 +38,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(SENTENCES * 5, trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    t.padding_side = "right"
-    return t
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,83 @@
+"""Speed of the two batched stages, each against its baseline run in the same process.
+
+1. Target optimisation (Eq. 10) for N CounterFact requests: all requests in one batch vs one request at a
+   time (the reference's loop), same config and context templates.
+2. C0 statistics for all critical layers: one pass over the corpus vs one pass per layer.
+
+    python benchmarks/bench_edit.py [--requests 32] [--steps 20] [--stats-tokens 20000] [--dtype float32]
+
+Prints the timings and ratios; record them in docs/PERFORMANCE.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from pmet.arch import layout_of
+from pmet.config import load_config
+from pmet.editor import context_templates_for
+from pmet.models import fingerprint, load_model
+from pmet.requests import load_requests
+from pmet.stats import compute_c0, parse_corpus
+from pmet.targets import compute_targets
+
+DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="override v_num_grad_steps")
+    ap.add_argument("--stats-tokens", type=int, default=20_000)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = lm.model, lm.tok
+    layout = layout_of(model)
+    cfg = load_config(lm.preset or "smollm2-135m")
+    if args.steps:
+        cfg = cfg.replace(v_num_grad_steps=args.steps)
+    reqs = load_requests(DATA / "counterfact_easyedit" / "counterfact-train.json", limit=args.requests)
+    templates = context_templates_for(model, tok, cfg, fingerprint(model))
+    dev = next(model.parameters()).device
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}, device {dev}, dtype {args.dtype}")
+    print(f"model {args.model}, layers {cfg.layers}, {len(reqs)} requests, {cfg.v_num_grad_steps} steps budget")
+
+    def timed(fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t
+
+    batched, t_batched = timed(lambda: compute_targets(model, tok, layout, reqs, templates, cfg))
+    single_cfg = cfg.replace(v_batch_size=1)
+    singles, t_single = timed(lambda: compute_targets(model, tok, layout, reqs, templates, single_cfg))
+    diff = (batched.ffn - singles.ffn).norm(dim=-1) / singles.ffn.norm(dim=-1)
+    steps = sum(d.steps for d in batched.diagnostics)
+    print(f"targets: batched {t_batched:.1f} s, one at a time {t_single:.1f} s, "
+          f"speed-up x{t_single / t_batched:.2f} ({steps} Adam steps in all; max relative difference of v "
+          f"{float(diff.max()):.2e})")
+
+    corpus = parse_corpus(str(DATA / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"))
+    _, t_one = timed(lambda: compute_c0(model, tok, cfg.layers, corpus, args.stats_tokens, progress=False))
+    _, t_per = timed(lambda: [compute_c0(model, tok, [layer], corpus, args.stats_tokens, progress=False)
+                              for layer in cfg.layers])
+    print(f"stats ({args.stats_tokens} tokens, {len(cfg.layers)} layers): one pass {t_one:.1f} s, "
+          f"one pass per layer {t_per:.1f} s, speed-up x{t_per / t_one:.2f}")
+
+
+if __name__ == "__main__":
+    main()
