@@ -274,10 +274,7 @@ def stats(
 
     try:
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        if layers:
-            layer_list = [int(x) for x in layers.split(",")]
-        else:
-            layer_list = _config_for(lm, config, "pmet", None, {}).layers
+        layer_list = [int(x) for x in layers.split(",")] if layers else _config_for(lm, config, "pmet", None, {}).layers
         if component not in ("ffn", "attn"):
             raise ConfigError("--component must be ffn or attn")
         c0, info = get_c0(lm.model, lm.tok, layer_list, corpus, tokens, component=component, cache_dir=cache_dir,
@@ -292,6 +289,11 @@ def stats(
                       f"{d.get('n_tokens')} tokens, {d.get('seconds', 0):.1f} s")
     for layer, t in sorted(c0.items()):
         out_console.print(f"  layer {layer}: {tuple(t.shape)}, trace {float(t.trace()):.4g}")
+
+
+from .analysis.cli import app as analyze_app  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses (Figure 2, Figure 4).")
 
 
 def main() -> None:

@@ -51,6 +51,8 @@ def validate_templates(templates: ContextTemplates) -> ContextTemplates:
     """Check the two-level shape and that each template has exactly one '{}' slot."""
     if not templates or not all(isinstance(g, list) and g for g in templates):
         raise ValueError("context templates must be a non-empty list of non-empty lists of strings")
+    if templates[0][0] != "{}":
+        raise ValueError("the first context template must be the bare '{}' (values are read at the bare prompt)")
     for t in flat(templates):
         if not isinstance(t, str) or t.count("{}") != 1:
             raise ValueError(f"context template {t!r} must contain exactly one '{{}}'")

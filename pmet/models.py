@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,23 @@ def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
         raise
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, local_only: bool):
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+    return tok, model
+
+
 def resolve_device(device: str | None) -> torch.device:
     """'auto' (GPU when there is one), 'cpu', 'cuda', 'cuda:1', ..."""
     if device in (None, "auto"):
@@ -162,21 +180,33 @@ def load_model(
         source = path
     else:
         source = name  # a Hugging Face id: loads only from the local HF cache or a reachable hub
+    is_hub_id = isinstance(source, str)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        # a hub id is looked up in the local HF cache first, and online only when the hub answers
+        tok, model = _from_pretrained(source, torch_dtype, local_only=is_hub_id)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"cannot load model '{name}': not an embedded model ({', '.join(EMBEDDED)}), a .gguf file or a "
-            f"local model directory, and the Hugging Face hub could not provide it ({first})"
-        ) from None
+        if is_hub_id and hub_reachable():
+            try:
+                tok, model = _from_pretrained(source, torch_dtype, local_only=False)
+            except (OSError, ValueError) as e2:
+                raise ModelError(f"cannot load model '{name}' from the Hugging Face hub: {_first_line(e2)}") from None
+        else:
+            raise ModelError(
+                f"cannot load model '{name}': not an embedded model ({', '.join(EMBEDDED)}), a .gguf file, a "
+                f"local model directory or a cached Hugging Face model, and the hub is unreachable "
+                f"({_first_line(e)})"
+            ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model.eval().requires_grad_(False)
     model.to(resolve_device(device))
     return LoadedModel(model=model, tok=tok, name=name, preset=preset, source=str(source))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def fingerprint(model: PreTrainedModel, samples_per_tensor: int = 4096) -> str:

@@ -34,7 +34,6 @@ import importlib.util
 import logging
 import os
 import re
-import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -49,7 +48,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch import layout_of
 from .errors import CorpusError
 from .hooks import Trace
-from .models import cache_root
+from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -102,18 +101,6 @@ def _hf_available() -> bool:
     return importlib.util.find_spec("datasets") is not None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ) not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _split_hf(ident: str) -> tuple[str, str | None, str]:
     parts = ident.split(":")
     dataset = parts[0]
@@ -154,7 +141,7 @@ def parse_corpus(spec: str | CorpusSpec) -> CorpusSpec:
     if spec == "self":
         return CorpusSpec("self", "self")
     if spec == "auto":
-        if _hf_available() and _hub_reachable():
+        if _hf_available() and hub_reachable():
             return CorpusSpec("hf", AUTO_HF)
         why = "the `datasets` library is not installed" if not _hf_available() else "the hub is unreachable"
         log.warning("corpus 'auto': %s; sampling the statistics corpus from the model itself ('self')", why)

@@ -84,7 +84,7 @@ def insert(
                 raise ValueError("updating the attention output projection needs δa targets (attn_delta=True)")
             key_site = Site(layout.edited_module(l, comp), "in")
             got = read_at_subject(model, rows, [key_site, value_site[comp]], pad_id=tok.pad_token_id,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, stop_after=value_site[comp].module)
             K = average_two_stage(got[key_site], templates)  # (n, d_in)
             current = got[value_site[comp]][bare.to(got[value_site[comp]].device)]  # (n, d)
             R = (V.to(current.device) - current) / spread(L, l, cfg.spread)
