@@ -215,3 +215,41 @@ def test_variants_run(variant):
     assert any("down_proj" in w for w in edited)
     assert any("o_proj" in w for w in edited) == ("attn" in cfg.update_modules)
     assert (res.targets.attn is None) == (not cfg.attn_delta or cfg.target_site == "layer_output")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj", "gemma3_text"])
+def test_deltas_land_at_subject_positions_under_right_padding(arch):
+    """Recompute each request's final NLL one unpadded prompt at a time, adding δm/δa by hand at the subject's
+    last token: it must equal the NLL the padded batch reported."""
+    from pmet.context import flat
+    from pmet.hooks import Trace
+    from pmet.prompts import compose
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    lay = layout_of(model)
+    cfg = cfg_for(v_num_grad_steps=4, layers=[2])
+    res = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)
+    for i, r in enumerate(REQUESTS):
+        bare = encode(tok, r.prompt, r.subject)
+        m0a0 = read_at_subject(model, [bare], [Site(lay.ffn_out(2), "out"), Site(lay.attn_out(2), "out")],
+                               pad_id=tok.pad_token_id)
+        dm = res.ffn[i] - m0a0[Site(lay.ffn_out(2), "out")][0]
+        da = res.attn[i] - m0a0[Site(lay.attn_out(2), "out")][0]
+        t_ids = list(target_ids(tok, r.target_new))
+        nlls = []
+        for ctx in flat(TEMPLATES):
+            e = encode(tok, compose(ctx, r.prompt), r.subject)
+            ids = torch.tensor([list(e.ids) + t_ids[:-1]])
+
+            def add(delta, pos=e.subject_last):
+                def fn(out):
+                    out = out.clone()
+                    out[0, pos] += delta
+                    return out
+                return fn
+
+            with torch.no_grad(), Trace(model, edits={lay.ffn_out(2): add(dm), lay.attn_out(2): add(da)}):
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            n = len(e.ids)
+            nlls.append(-sum(logp[n - 1 + j, t] for j, t in enumerate(t_ids)) / len(t_ids))
+        assert float(sum(nlls) / len(nlls)) == pytest.approx(res.diagnostics[i].nll, rel=1e-4, abs=1e-5)
