@@ -135,6 +135,7 @@ def edit(
     layers: str | None = typer.Option(None, help="Override the critical layers, e.g. 3,4,5,6,7."),
     seed: int | None = typer.Option(None, help="Seed of the context templates and self-sampled corpora."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -153,7 +154,7 @@ def edit(
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         load_s = time.perf_counter() - t0
-        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed,
+        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": [int(x) for x in layers.split(",")] if layers else None}
         cfg = _config_for(lm, config, method, ablation, overrides)
         layout = layout_of(lm.model)

@@ -53,6 +53,7 @@ class PMETConfig:
     kl_prompt: str = "{} is a"  # p' of Eq. 10
     fact_token: str = "subject_last"  # only the subject's last token is supported
     v_batch_size: int = 64  # requests optimised together in one forward/backward
+    v_compute_dtype: str = "float32"  # "bfloat16": autocast the optimisation steps (faster on CPUs with BF16)
     # Weight update (Eq. 8, 9, 11)
     mom2_update_weight: float = 6000.0  # λ
     mom2_dataset: str = "auto"  # corpus for C0: a path, "hf:DATASET[:CONFIG[:SPLIT]]", "self" or "auto"
@@ -92,6 +93,8 @@ class PMETConfig:
             raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
         if self.target_site == "layer_output" and self.update_modules != ["ffn"]:
             raise bad("update_modules", "MEMIT (target_site=layer_output) updates the FFN only")
+        if self.v_compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise bad("v_compute_dtype", "must be float32, bfloat16 or float16")
         if self.fact_token != "subject_last":
             raise bad("fact_token", "only 'subject_last' is supported")
         if "{}" not in self.kl_prompt:

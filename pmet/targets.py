@@ -17,6 +17,7 @@ vocabulary projection is applied only where an NLL or KL term is read. Finished 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -211,7 +212,7 @@ def _optimise_chunk(
         opt.zero_grad(set_to_none=True)
         where = torch.full((n_rows,), -1, dtype=torch.long, device=device)  # batch row -> replayed row
         where[active_rows] = torch.arange(len(active_rows), device=device)
-        with Trace(model, edits=edits):
+        with Trace(model, edits=edits), _autocast(device, cfg.v_compute_dtype):
             h = cap.replay(hidden)
         # NLL: log-probabilities of the target tokens at their positions (vocab projection there only).
         keep = where[nll_row] >= 0
@@ -290,6 +291,13 @@ def _optimise_chunk(
         for i in range(n_req)
     ]
     return Targets(ffn=v_ffn, attn=v_attn, diagnostics=diags)
+
+
+def _autocast(device: torch.device, dtype: str):
+    """Mixed precision for the optimisation steps only (`v_compute_dtype`); float32 runs as the paper."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:

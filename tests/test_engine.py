@@ -203,6 +203,7 @@ def test_patch_for_another_model_is_refused(tmp_path):
     {"update_modules": ["ffn", "attn"]},
     {"spread": "even"},
     {"target_site": "layer_output", "attn_delta": False, "spread": "even"},
+    {"v_compute_dtype": "bfloat16"},
 ])
 def test_variants_run(variant):
     model, tok = tiny_model("llama"), tiny_tokenizer()
