@@ -135,6 +135,26 @@ def test_llama_ffn_entry_by_hand_and_fallback(monkeypatch):
     torch.testing.assert_close(fallback.ffn_in, mapped.ffn_in, rtol=1e-6, atol=1e-6)
 
 
+def test_gemma_after_post_norms():
+    """--after-post-norms reads the normalised contributions that Gemma 3 adds to the residual stream."""
+    model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+    lay = layout_of(model)
+    ids, mask = _batch(tok, PROMPTS)
+    raw = read_states(model, lay, ids, mask)
+    post = read_states(model, lay, ids, mask, after_post_norms=True)
+    for l in range(4):
+        layer = model.get_submodule(lay.layer(l))
+        torch.testing.assert_close(post.attn[:, l], layer.post_attention_layernorm(raw.attn[:, l]))
+        torch.testing.assert_close(post.ffn_out[:, l], layer.post_feedforward_layernorm(raw.ffn_out[:, l]))
+    torch.testing.assert_close(post.ffn_in, post.h_in + post.attn, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(post.h_in[:, 1:], (post.ffn_in + post.ffn_out)[:, :-1], rtol=1e-4, atol=1e-4)
+    stats = component_similarity(model, tok, PROMPTS, top_k=10, progress=False, after_post_norms=True)
+    assert stats.summary()["after_post_norms"] and "AFTER" in stats.summary()["note"]
+    # no effect on an architecture without output norms
+    llama = component_similarity(tiny_model("llama"), tok, PROMPTS, top_k=10, progress=False, after_post_norms=True)
+    assert not llama.summary()["after_post_norms"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "gemma3_text"])
 def test_last_token_under_right_padding(arch):
     """Each row's states in a padded batch equal those of the prompt run alone."""

@@ -80,6 +80,10 @@ def components(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
+    after_post_norms: bool = typer.Option(
+        False, "--after-post-norms",
+        help="Gemma 3 (architectures that normalise component outputs): read a^l and m^l after those norms, "
+             "i.e. the contributions actually added to the residual stream. No effect elsewhere."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Figure 2: cosine and top-k Jaccard similarity between each MHSA/FFN component's input and output."""
@@ -101,7 +105,7 @@ def components(
             raise ConfigError(f"--top-k {top_k} exceeds the vocabulary size {vocab}")
         t1 = time.perf_counter()
         stats = component_similarity(lm.model, lm.tok, prompts, top_k=top_k, batch_size=batch_size,
-                                     progress=not quiet)
+                                     progress=not quiet, after_post_norms=after_post_norms)
         t2 = time.perf_counter()
     except PmetError as e:
         _fail(str(e))

@@ -8,6 +8,9 @@ For every prompt and layer l, at the prompt's last token ("Investigating the Rol
   h^{l-1} + a^l (Gemma 3: h^{l-1} + post_attention_norm(a^l)); it is read as the input of the module named in
   FFN_ENTRY below, or, for a model type missing there, recomputed from the recorded h^{l-1} and a^l.
 
+Gemma 3 normalises component outputs before the residual add; a^l and m^l are the projections' raw outputs
+(where PMET edits) unless `after_post_norms=True`, which reads the normalised contributions instead.
+
 Two similarities per pair (x, y): the cosine of the vectors, and the Jaccard similarity (Eq. 7) of their top-k
 vocabulary tokens under the logit lens W_E γ(·) (final norm, then unembedding, softcapping included).
 Every activation is read with one `Trace` per batch; the similarities are tensor ops over the whole batch.
@@ -61,7 +64,7 @@ def ffn_entry_description(model: PreTrainedModel, layout: ModelLayout) -> str:
         return "h^{l-1} (parallel block: the FFN reads the layer input)"
     name = FFN_ENTRY.get(model.config.model_type)
     if name is not None and _has(model, f"{layout.layer(0)}.{name}"):
-        return f"h^{{l-1}} + a^l as entering the FFN block (input of '{name}')"
+        return f"h^{{l-1}} + a^l, read as the input of '{name}' (sequential block)"
     norm = f" after '{layout.spec.post_norms[0]}'" if layout.spec.post_norms else ""
     return f"h^{{l-1}} + a^l{norm} (recomputed: no FFN_ENTRY row for '{model.config.model_type}')"
 
@@ -75,8 +78,13 @@ def _has(model: torch.nn.Module, name: str) -> bool:
 
 
 @torch.no_grad()
-def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, mask: torch.Tensor) -> LayerStates:
-    """One forward of a right-padded batch; the four states of every layer at each row's last real token."""
+def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, mask: torch.Tensor, *,
+                after_post_norms: bool = False) -> LayerStates:
+    """One forward of a right-padded batch; the four states of every layer at each row's last real token.
+
+    `after_post_norms`: where the architecture normalises component outputs before the residual add (Gemma 3's
+    `post_norms`), read a^l and m^l after those norms, i.e. the contributions actually added to the residual.
+    """
     n = layout.n_layers
     entry = None if layout.parallel else FFN_ENTRY.get(model.config.model_type)
     if entry is not None and not _has(model, f"{layout.layer(0)}.{entry}"):
@@ -84,6 +92,9 @@ def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, 
     layer_names = [layout.layer(l) for l in range(n)]
     attn_names = [layout.attn_out(l) for l in range(n)]
     ffn_names = [layout.ffn_out(l) for l in range(n)]
+    if after_post_norms and layout.spec.post_norms:
+        attn_names = [f"{layout.layer(l)}.{layout.spec.post_norms[0]}" for l in range(n)]
+        ffn_names = [f"{layout.layer(l)}.{layout.spec.post_norms[1]}" for l in range(n)]
     entry_names = [f"{layout.layer(l)}.{entry}" for l in range(n)] if entry else []
     with Trace(model, inputs=layer_names + entry_names, outputs=attn_names + ffn_names,
                stop_after=layer_names[-1]) as tr:
@@ -103,7 +114,7 @@ def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, 
         ffn_in = torch.stack([pick(tr.inputs[k]) for k in entry_names], 1)
     else:
         added = attn
-        if layout.spec.post_norms:
+        if layout.spec.post_norms and not after_post_norms:
             added = torch.stack([model.get_submodule(f"{layout.layer(l)}.{layout.spec.post_norms[0]}")(attn[:, l])
                                  for l in range(n)], 1)
         ffn_in = h_in + added
@@ -141,6 +152,8 @@ class ComponentStats:
     parallel: bool
     ffn_input: str
     prompts: list[str] = field(default_factory=list)
+    post_norms: tuple[str, ...] = ()
+    after_post_norms: bool = False
 
     @property
     def n_facts(self) -> int:
@@ -154,12 +167,19 @@ class ComponentStats:
         return (
             "Last token of each prompt. MHSA: cosine and top-k Jaccard (Eq. 7, logit lens = final norm + "
             "unembedding) between h^{l-1} (input of decoder layer l) and a^l (output of the MHSA output "
-            f"projection). FFN: between the state entering the FFN block, {self.ffn_input}, and m^l (output of "
-            "the FFN output projection). "
-            + ("Component outputs are taken before the post-attention/post-feedforward norms. "
-               if self.model_type == "gemma3_text" else "")
+            f"projection). FFN: between the residual state entering the FFN block, {self.ffn_input}, and m^l "
+            "(output of the FFN output projection). "
+            + (self._post_norm_note() if self.post_norms else "")
             + "Means and standard deviations over facts."
         )
+
+    def _post_norm_note(self) -> str:
+        names = ", ".join(self.post_norms)
+        if self.after_post_norms:
+            return (f"This architecture normalises component outputs before the residual add ({names}); a^l and "
+                    "m^l are read AFTER those norms (the contributions actually added). ")
+        return (f"This architecture normalises component outputs before the residual add ({names}); a^l and m^l "
+                "are the projections' raw outputs, BEFORE those norms. ")
 
     def summary(self) -> dict:
         def part(cos: np.ndarray, jac: np.ndarray) -> dict:
@@ -176,6 +196,7 @@ class ComponentStats:
             "top_k": self.top_k,
             "model_type": self.model_type,
             "parallel": self.parallel,
+            "after_post_norms": self.after_post_norms,
             "note": self.note(),
         }
 
@@ -201,8 +222,13 @@ def component_similarity(
     top_k: int = 50,
     batch_size: int = 32,
     progress: bool = True,
+    after_post_norms: bool = False,
 ) -> ComponentStats:
-    """Figure 2's cosine and Jaccard similarities for every prompt (last token) and layer."""
+    """Figure 2's cosine and Jaccard similarities for every prompt (last token) and layer.
+
+    `after_post_norms` (Gemma 3 and other architectures with `post_norms`): compare with the normalised
+    component outputs that are added to the residual stream instead of the projections' raw outputs.
+    """
     if not prompts:
         raise RequestError("prompts", None, None, "no prompts to analyse")
     layout = layout_of(model)
@@ -219,7 +245,7 @@ def component_similarity(
     for r in batches:
         idx = [order[i] for i in r]
         ids, mask = pad_right([encoded[i] for i in idx], tok.pad_token_id, device)
-        s = read_states(model, layout, ids, mask)
+        s = read_states(model, layout, ids, mask, after_post_norms=after_post_norms)
         cos_a = cosine(s.h_in, s.attn)
         cos_m = cosine(s.ffn_in, s.ffn_out)
         jac_a = torch.empty_like(cos_a)
@@ -238,6 +264,7 @@ def component_similarity(
     return ComponentStats(
         mhsa_cosine=arr[0], mhsa_jaccard=arr[1], ffn_cosine=arr[2], ffn_jaccard=arr[3], top_k=top_k,
         model_type=model.config.model_type, parallel=layout.parallel, ffn_input=ffn_input, prompts=list(prompts),
+        post_norms=layout.spec.post_norms, after_post_norms=after_post_norms and bool(layout.spec.post_norms),
     )
 
 
