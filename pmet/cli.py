@@ -300,6 +300,10 @@ app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr carries only our progress bars and one-line errors
+    hf_logging.set_verbosity_error()
     try:
         app()
     except KeyboardInterrupt:
