@@ -17,22 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .console import MODEL_HELP, console, out_console
+from .console import fail as _fail
 from .errors import ConfigError, PmetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
-console = Console(stderr=True)
-out_console = Console()
-
-MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict) -> Any:
@@ -210,9 +202,33 @@ def _stats_line(stats: dict) -> str:
     return "; ".join(parts) or "given"
 
 
+def _patch_command(patch: Path, model: str, out: Path, dtype: str, device: str, cache_dir: Path | None,
+                   revert: bool) -> None:
+    from .models import load_model
+    from .patch import EditResult, revert_patch
+
+    try:
+        p = EditResult.load(patch)
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        if revert:
+            revert_patch(lm.model, p)
+        else:
+            p.apply(lm.model)
+        _save_model_atomic(lm, out)
+    except PmetError as e:
+        _fail(str(e))
+        return
+    done = f"restored {len(p.updates)} weights" if revert else \
+        f"applied {len(p.updates)} weight updates for {len(p.requests)} requests"
+    out_console.print(f"{done}; saved to {out}")
+
+
+PATCH_ARG = typer.Argument(..., help="patch.safetensors, or the folder holding it.")
+
+
 @app.command()
 def apply(
-    patch: Path = typer.Argument(..., help="patch.safetensors, or the folder holding it."),
+    patch: Path = PATCH_ARG,
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="Save the patched model (save_pretrained format) here."),
     dtype: str = typer.Option("float32"),
@@ -220,22 +236,12 @@ def apply(
     cache_dir: Path | None = typer.Option(None),
 ) -> None:
     """Apply a saved patch to the same base model and save the edited model."""
-    from .models import load_model
-    from .patch import EditResult
-
-    try:
-        p = EditResult.load(patch)
-        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        p.apply(lm.model)
-        _save_model_atomic(lm, out)
-    except PmetError as e:
-        _fail(str(e))
-    out_console.print(f"applied {len(p.updates)} weight updates for {len(p.requests)} requests; saved to {out}")
+    _patch_command(patch, model, out, dtype, device, cache_dir, revert=False)
 
 
 @app.command()
 def revert(
-    patch: Path = typer.Argument(..., help="patch.safetensors, or the folder holding it."),
+    patch: Path = PATCH_ARG,
     model: str = typer.Option(..., "--model", "-m", help="The edited model (directory, or any model source)."),
     out: Path = typer.Option(..., "--out", help="Save the restored model here."),
     dtype: str = typer.Option("float32"),
@@ -243,17 +249,7 @@ def revert(
     cache_dir: Path | None = typer.Option(None),
 ) -> None:
     """Restore the original weights of an edited model, bit-exactly, from its patch."""
-    from .models import load_model
-    from .patch import EditResult, revert_patch
-
-    try:
-        p = EditResult.load(patch)
-        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        revert_patch(lm.model, p)
-        _save_model_atomic(lm, out)
-    except PmetError as e:
-        _fail(str(e))
-    out_console.print(f"restored {len(p.updates)} weights; saved to {out}")
+    _patch_command(patch, model, out, dtype, device, cache_dir, revert=True)
 
 
 @app.command()
@@ -269,7 +265,7 @@ def stats(
     cache_dir: Path | None = typer.Option(None),
     force: bool = typer.Option(False, help="Recompute even if cached."),
 ) -> None:
-    """Compute and cache C0 = E[k kᵀ] for all critical layers in one pass over a corpus."""
+    """Compute and cache C0 = E(k kᵀ) of the FFN keys for all critical layers, in one pass over a corpus."""
     from .models import fingerprint, load_model
     from .stats import get_c0
 

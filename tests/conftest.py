@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: matmuls gain nothing from threads, and on a busy machine intra-op threads make them crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The benchmark data directory ($PMET_DATA_DIR, default ../../shared/data); skips the test if missing."""

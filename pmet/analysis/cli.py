@@ -16,22 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ..console import MODEL_HELP, out_console
+from ..console import fail as _fail
 from ..errors import ConfigError, PmetError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproduce the paper's analyses (Figure 2, Figure 4).")
-console = Console(stderr=True)
-out_console = Console()
-
-MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _write_outputs(out: Path, writers: dict[str, Callable[[Path], object]]) -> list[Path]:
