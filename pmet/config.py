@@ -135,6 +135,14 @@ def from_dict(data: dict[str, Any], *, source: str) -> PMETConfig:
             kwargs[key] = value
         elif key not in _IGNORED_KEYS:
             raise ConfigError(f"{source}: unknown config field '{key}'")
+    defaults = PMETConfig.__dataclass_fields__
+    for key, value in kwargs.items():  # YAML 1.1 reads "2e-1" as a string (EasyEdit's files do this)
+        default = defaults[key].default
+        if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
+            try:
+                kwargs[key] = type(default)(float(value)) if isinstance(default, float) else int(value)
+            except ValueError:
+                raise ConfigError(f"{source}: config field '{key}': expected a number, got {value!r}") from None
     if kwargs.get("mom2_dataset") == "wikipedia":  # the reference's name for its Wikipedia sample
         kwargs["mom2_dataset"] = "auto"
     try:

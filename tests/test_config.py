@@ -1,0 +1,102 @@
+"""Hyper-parameters: presets, user files, and the official/EasyEdit PMET hparams files as they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pmet.config import ABLATIONS, MEMIT_OVERRIDES, PMETConfig, load_config, preset_names
+from pmet.errors import ConfigError
+
+# The authors' edit/hparams/PMET/EleutherAI_gpt-j-6B.json, verbatim.
+OFFICIAL_GPTJ = {
+    "layers": [3, 4, 5, 6, 7, 8], "clamp_norm_factor": 0.75, "layer_selection": "all",
+    "fact_token": "subject_last", "v_num_grad_steps": 30, "v_lr": 2e-1, "v_loss_layer": 27,
+    "v_weight_decay": 0.5, "kl_factor": 1, "rewrite_module_tmp": "transformer.h.{}.attn.out_proj",
+    "rewrite_module_tmps": ["transformer.h.{}.mlp.fc_out"], "layer_module_tmp": "transformer.h.{}",
+    "mlp_module_tmp": "transformer.h.{}.mlp.fc_out", "attn_module_tmp": "transformer.h.{}.attn.out_proj",
+    "ln_f_module": "transformer.ln_f", "lm_head_module": "lm_head", "mom2_adjustment": True,
+    "mom2_update_weight": 6000, "mom2_dataset": "wikipedia", "mom2_n_samples": 100000, "mom2_dtype": "float32",
+    "nll_loss_factor": 1,
+}
+# EasyEdit's hparams/PMET/gpt-j-6B.yaml, verbatim (it repeats the key model_parallel).
+EASYEDIT_GPTJ = """alg_name: "PMET"
+model_name: "./hugging_cache/gpt-j-6B"
+stats_dir: "./data/stats"
+device: 0
+layers: [3, 4, 5, 6, 7, 8]
+clamp_norm_factor: 0.75
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 30
+v_lr: 2e-1
+v_loss_layer: 27
+v_weight_decay: 0.5
+kl_factor: 1
+mom2_adjustment: true
+mom2_update_weight: 15000
+rewrite_module_tmp: "transformer.h.{}.mlp.fc_out"
+rewrite_module_tmps: ["transformer.h.{}.mlp.fc_out"]
+layer_module_tmp: "transformer.h.{}"
+mlp_module_tmp: "transformer.h.{}.mlp.fc_out"
+attn_module_tmp: "transformer.h.{}.attn.out_proj"
+ln_f_module: "transformer.ln_f"
+lm_head_module: "lm_head"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+model_parallel: false
+nll_loss_factor: 1
+model_parallel: false
+"""
+
+
+def test_official_hparams_json(tmp_path):
+    p = tmp_path / "EleutherAI_gpt-j-6B.json"
+    p.write_text(json.dumps(OFFICIAL_GPTJ))
+    cfg = load_config(str(p))
+    assert cfg.layers == [3, 4, 5, 6, 7, 8] and cfg.L == 8
+    assert (cfg.v_num_grad_steps, cfg.v_lr, cfg.clamp_norm_factor, cfg.mom2_update_weight) == (30, 0.2, 0.75, 6000)
+    assert cfg.nll_factor == 1 and cfg.mom2_dataset == "auto"
+
+
+def test_easyedit_hparams_yaml(tmp_path):
+    p = tmp_path / "gpt-j-6B.yaml"
+    p.write_text(EASYEDIT_GPTJ)
+    cfg = load_config(str(p))
+    assert cfg.mom2_update_weight == 15000 and cfg.v_lr == 0.2 and cfg.layers[-1] == 8
+
+
+def test_gpt_j_preset_is_the_paper():
+    cfg = load_config("gpt-j-6b")
+    assert cfg == PMETConfig(**{**PMETConfig().to_dict(), "mom2_n_samples": 100000, "mom2_n_tokens": 10_000_000})
+    neox = load_config("gpt-neox-20b")
+    assert neox.layers == [6, 7, 8, 9, 10] and neox.mom2_update_weight == 15000 and neox.clamp_norm_factor == 0.8
+
+
+def test_every_preset_loads():
+    names = preset_names()
+    assert {"smollm2-135m", "gemma3-270m", "gpt-j-6b", "gpt-neox-20b"} <= set(names)
+    for name in names:
+        assert load_config(name).layers
+
+
+def test_bad_config_values(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("layers: [5, 3]\n")
+    with pytest.raises(ConfigError, match="'layers'"):
+        load_config(str(p))
+    p.write_text("layers: [3]\nspeed: fast\n")
+    with pytest.raises(ConfigError, match="unknown config field 'speed'"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("no-such-preset")
+
+
+def test_variants_are_one_option_each():
+    assert load_config("gpt-j-6b", **ABLATIONS["no-attn-delta"]).attn_delta is False
+    assert load_config("gpt-j-6b", **ABLATIONS["update-attn"]).update_modules == ["ffn", "attn"]
+    assert load_config("gpt-j-6b", **ABLATIONS["even-spread"]).spread == "even"
+    memit = load_config("gpt-j-6b", **MEMIT_OVERRIDES)
+    assert (memit.target_site, memit.spread, memit.attn_delta) == ("layer_output", "even", False)
