@@ -93,21 +93,23 @@ def _measure(lm: Any, layout: Any, requests: list) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> Table:
+    """One row per request prompt, then one per paraphrase (↳ para) and neighbourhood prompt (↳ neigh)."""
     t = Table(title="PMET edit: before → after", show_lines=False)
-    for col in ("#", "prompt", "target_new", "top-1 before", "P(new) before", "top-1 after", "P(new) after",
-                "paraphrases P↑", "neighbours top-1 kept"):
+    for col in ("#", "prompt", "target_new", "top-1 before", "P(new) before", "top-1 after", "P(new) after"):
         t.add_column(col, overflow="fold")
     for i, r in enumerate(rows, 1):
-        para = [c for c in r["checks"] if c["kind"] == "paraphrase"]
-        neigh = [c for c in r["checks"] if c["kind"] == "neighborhood"]
-        para_up = sum(c["after"]["p_target_new"] > c["before"]["p_target_new"] for c in para)
-        kept = sum(c["after"]["top1"] == c["before"]["top1"] for c in neigh)
-        flipped = r["after"]["top1"].strip() and r["after"]["top1"] != r["before"]["top1"]
-        t.add_row(
-            str(i), r["prompt"], r["target_new"], repr(r["before"]["top1"]), f"{r['before']['p_target_new']:.3f}",
-            ("[green]" if flipped else "") + repr(r["after"]["top1"]), f"{r['after']['p_target_new']:.3f}",
-            f"{para_up}/{len(para)}" if para else "-", f"{kept}/{len(neigh)}" if neigh else "-",
-        )
+        changed = r["after"]["top1"] != r["before"]["top1"]
+        t.add_row(str(i), r["prompt"], r["target_new"], repr(r["before"]["top1"]),
+                  f"{r['before']['p_target_new']:.3f}", ("[green]" if changed else "") + repr(r["after"]["top1"]),
+                  f"{r['after']['p_target_new']:.3f}")
+        for c in r["checks"]:
+            kind = "↳ para" if c["kind"] == "paraphrase" else "↳ neigh"
+            kept = c["after"]["top1"] == c["before"]["top1"]
+            style = "" if c["kind"] == "paraphrase" else ("[dim]" if kept else "[yellow]")
+            t.add_row("", f"[dim]{kind}[/] {c['prompt']}", "", repr(c["before"]["top1"]),
+                      f"{c['before']['p_target_new']:.3f}", style + repr(c["after"]["top1"]),
+                      f"{c['after']['p_target_new']:.3f}")
+        t.add_section()
     return t
 
 
@@ -174,8 +176,14 @@ def edit(
         })
     out_console.print(_table(rows))
     flipped = sum(r["after"]["top1"] != r["before"]["top1"] for r in rows)
-    out_console.print(f"{flipped}/{len(rows)} requests changed their top-1; C0 from {_stats_line(result.stats)}; "
-                      f"timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    neigh = [c for r in rows for c in r["checks"] if c["kind"] == "neighborhood"]
+    para = [c for r in rows for c in r["checks"] if c["kind"] == "paraphrase"]
+    out_console.print(
+        f"{flipped}/{len(rows)} request prompts changed their top-1; "
+        f"P(new) rose on {sum(c['after']['p_target_new'] > c['before']['p_target_new'] for c in para)}/{len(para)} "
+        f"paraphrases; {sum(c['after']['top1'] == c['before']['top1'] for c in neigh)}/{len(neigh)} neighbourhood "
+        f"prompts kept their top-1.\nC0 from {_stats_line(result.stats)}. Timings (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
     data = {
         "model": model, "config": cfg.to_dict(),
         "timings": {"load": load_s, **result.timings, "measure": measure_s},
