@@ -53,6 +53,7 @@ class PMETConfig:
     kl_prompt: str = "{} is a"  # p' of Eq. 10
     fact_token: str = "subject_last"  # only the subject's last token is supported
     v_batch_size: int = 64  # requests optimised together in one forward/backward
+    v_rows_per_pass: int = 64  # prompts replayed together; rows are grouped by length to limit padding
     v_compute_dtype: str = "float32"  # "bfloat16": autocast the optimisation steps (faster on CPUs with BF16)
     # Weight update (Eq. 8, 9, 11)
     mom2_update_weight: float = 6000.0  # λ
@@ -99,7 +100,7 @@ class PMETConfig:
             raise bad("fact_token", "only 'subject_last' is supported")
         if "{}" not in self.kl_prompt:
             raise bad("kl_prompt", "must contain '{}' for the subject")
-        for name in ("v_num_grad_steps", "v_batch_size", "mom2_n_tokens", "context_template_length"):
+        for name in ("v_num_grad_steps", "v_batch_size", "v_rows_per_pass", "mom2_n_tokens", "context_template_length"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):

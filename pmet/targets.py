@@ -151,27 +151,35 @@ def _optimise_chunk(
     L = cfg.L
     plan = _plan(tok, requests, templates, cfg.kl_prompt)
     n_req, n_rows = len(requests), len(plan.rows)
-    ids, mask = pad_right(plan.rows, tok.pad_token_id, device)
 
     components = cfg.target_site == "components"
     m_site = layout.ffn_out(L) if components else layout.layer(L)
     a_site = layout.attn_out(L) if components and cfg.attn_delta else None
 
-    # Row/position index tensors for the rows still being optimised (rebuilt when requests finish).
     row_req = torch.tensor(plan.req, device=device)
     row_lookup = torch.tensor(plan.lookup, device=device)
     first_row = torch.tensor([plan.req.index(i) for i in range(n_req)], device=device)
     kl_row = torch.tensor([j for j in range(n_rows) if plan.is_kl[j]], device=device)
 
-    # One full forward: fixed layer-L inputs, initial m0/a0 at the bare prompt, initial KL distribution.
+    # Rows sorted by length and cut into passes, so that padding stays small. One full forward per pass
+    # records the fixed hidden state entering layer L, every later layer's call arguments, and m0/a0.
+    passes = [_Pass(rows) for rows in _length_buckets([len(r) for r in plan.rows], cfg.v_rows_per_pass, device)]
+    sites = [m_site] + ([a_site] if a_site else [])
+    init = {site: None for site in sites}
     with torch.no_grad():
-        sites = [m_site] + ([a_site] if a_site else [])
-        with LayerInputs(model.get_submodule(layout.spec.layers), L) as cap, \
-                Trace(model, outputs=sites, stop_after=layout.spec.final_norm) as tr:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden0 = cap.hidden_in()
-        m0 = tr.outputs[m_site][first_row, row_lookup[first_row]].float()
-        a0 = tr.outputs[a_site][first_row, row_lookup[first_row]].float() if a_site else None
+        for ps in passes:
+            ids, mask = pad_right([plan.rows[j] for j in ps.rows.tolist()], tok.pad_token_id, device)
+            with LayerInputs(model.get_submodule(layout.spec.layers), L) as cap, \
+                    Trace(model, outputs=sites, stop_after=layout.spec.final_norm) as tr:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            ps.cap, ps.hidden = cap, cap.hidden_in()
+            for site in sites:
+                out = tr.outputs[site][torch.arange(len(ps.rows), device=device), row_lookup[ps.rows]].float()
+                if init[site] is None:
+                    init[site] = out.new_empty(n_rows, out.shape[-1])
+                init[site][ps.rows] = out
+    m0 = init[m_site][first_row]  # unperturbed values at the bare prompt (the first template)
+    a0 = init[a_site][first_row] if a_site else None
 
     delta_m = torch.zeros(n_req, m0.shape[-1], device=device, requires_grad=True)
     params = [delta_m]
@@ -181,20 +189,19 @@ def _optimise_chunk(
         params.append(delta_a)
     opt = torch.optim.Adam(params, lr=cfg.v_lr)
 
-    active_rows = torch.arange(n_rows, device=device)  # rows of the batch still replayed
-    hidden = hidden0
     kl_init = None  # (n_req, vocab) log P_orig on each request's KL prompt, filled at it == 0
     nll_factor = torch.full((n_req,), float(cfg.nll_factor), device=device)
     done = torch.zeros(n_req, dtype=torch.bool, device=device)
     steps = torch.zeros(n_req, dtype=torch.long, device=device)
     stop = ["budget"] * n_req
     last = {k: torch.zeros(n_req, device=device) for k in ("nll", "kl", "prob")}
+    replaying: dict[str, torch.Tensor] = {}  # batch rows of the pass being replayed, read by the edit hooks
 
     def add_delta(delta: torch.Tensor):
         def edit(out: torch.Tensor) -> torch.Tensor:
-            r = row_req[active_rows]
-            return out.index_put((torch.arange(len(r), device=device), row_lookup[active_rows]),
-                                 delta[r].to(out.dtype), accumulate=True)
+            rows = replaying["rows"]
+            return out.index_put((torch.arange(len(rows), device=device), row_lookup[rows]),
+                                 delta[row_req[rows]].to(out.dtype), accumulate=True)
         return edit
 
     edits = {m_site: add_delta(delta_m)}
@@ -210,14 +217,24 @@ def _optimise_chunk(
 
     for it in range(cfg.v_num_grad_steps):
         opt.zero_grad(set_to_none=True)
-        where = torch.full((n_rows,), -1, dtype=torch.long, device=device)  # batch row -> replayed row
-        where[active_rows] = torch.arange(len(active_rows), device=device)
-        with Trace(model, edits=edits), _autocast(device, cfg.v_compute_dtype):
-            h = cap.replay(hidden)
+        # Replay layers L..N-1 for every pass; keep the final states only where a loss term is read.
+        nll_parts, kl_parts = [], []
+        for ps in passes:
+            if not len(ps.rows):
+                continue
+            replaying["rows"] = ps.rows
+            with Trace(model, edits=edits), _autocast(device, cfg.v_compute_dtype):
+                h = ps.cap.replay(ps.hidden)
+            where = torch.full((n_rows,), -1, dtype=torch.long, device=device)  # batch row -> row of h
+            where[ps.rows] = torch.arange(len(ps.rows), device=device)
+            t = torch.nonzero(where[nll_row] >= 0).flatten()
+            nll_parts.append((t, h[where[nll_row[t]], nll_pos[t]]))
+            k = kl_row[where[kl_row] >= 0]
+            kl_parts.append((k, h[where[k], row_lookup[k]]))
+        terms = torch.cat([t for t, _ in nll_parts])
+        r_nll, t_nll = nll_row[terms], nll_tok[terms]
         # NLL: log-probabilities of the target tokens at their positions (vocab projection there only).
-        keep = where[nll_row] >= 0
-        r_nll, p_nll, t_nll = nll_row[keep], nll_pos[keep], nll_tok[keep]
-        logp = torch.log_softmax(logits_from_hidden(model, layout, h[where[r_nll], p_nll]), -1)
+        logp = torch.log_softmax(logits_from_hidden(model, layout, torch.cat([x for _, x in nll_parts])), -1)
         tok_logp = logp.gather(-1, t_nll[:, None]).squeeze(-1)
         req_of_term = row_req[r_nll]
         # per prompt: -Σ_j log p(t_j) / n_target; per request: mean over its prompts
@@ -229,8 +246,8 @@ def _optimise_chunk(
         prob = torch.zeros(n_req, device=device).index_add(
             0, row_req[prompt_rows], torch.exp(per_prompt / n_tgt[row_req[prompt_rows]])) / n_prompts
         # KL(P_edited ‖ P_orig) at the subject's last token of "{S} is a" (batchmean over its one row).
-        rk = kl_row[where[kl_row] >= 0]
-        kl_logp = torch.log_softmax(logits_from_hidden(model, layout, h[where[rk], row_lookup[rk]]), -1)
+        rk = torch.cat([k for k, _ in kl_parts])
+        kl_logp = torch.log_softmax(logits_from_hidden(model, layout, torch.cat([x for _, x in kl_parts])), -1)
         if kl_init is None:  # it == 0: all deltas are zero, so this is P_orig
             kl_init = torch.empty(n_req, kl_logp.shape[-1], device=device)
             kl_init[row_req[rk]] = kl_logp.detach()
@@ -269,11 +286,9 @@ def _optimise_chunk(
             if delta_a is not None:
                 _clamp(delta_a, cfg.clamp_norm_factor * a0.norm(dim=-1))
         steps += (~done).long()
-        if bool(finishing.any()):  # drop finished requests' rows from the replayed batch
-            sel = torch.nonzero(~done[row_req[active_rows]]).flatten()
-            cap.select_rows(sel, len(active_rows))
-            hidden = hidden.index_select(0, sel)
-            active_rows = active_rows[sel]
+        if bool(finishing.any()):  # drop finished requests' rows from the replayed passes
+            for ps in passes:
+                ps.keep(~done[row_req[ps.rows]])
 
     with torch.no_grad():
         v_ffn = (m0 + delta_m).detach()
@@ -298,6 +313,30 @@ def _autocast(device: torch.device, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+class _Pass:
+    """One replayed group of rows: their batch-row ids, recorded layer inputs and the hidden state entering L."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.cap: LayerInputs | None = None
+        self.hidden: torch.Tensor | None = None
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Drop the rows where `mask` is False (their requests have stopped)."""
+        if bool(mask.all()):
+            return
+        sel = torch.nonzero(mask).flatten()
+        self.cap.select_rows(sel, len(self.rows))
+        self.hidden = self.hidden.index_select(0, sel)
+        self.rows = self.rows[sel]
+
+
+def _length_buckets(lengths: list[int], rows_per_pass: int, device: torch.device) -> list[torch.Tensor]:
+    """Row ids sorted by length, cut into groups of at most `rows_per_pass` (less padding per pass)."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    return [torch.tensor(order[i : i + rows_per_pass], device=device) for i in range(0, len(order), rows_per_pass)]
 
 
 def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:

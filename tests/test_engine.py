@@ -97,7 +97,8 @@ def test_batched_equals_one_at_a_time(arch):
     model, tok = tiny_model(arch), tiny_tokenizer()
     lay = layout_of(model)
     cfg = cfg_for()
-    batched = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)
+    # several length-sorted passes: a request's rows are spread over passes
+    batched = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg.replace(v_rows_per_pass=5))
     for i, r in enumerate(REQUESTS):
         single = compute_targets(model, tok, lay, [r], TEMPLATES, cfg)
         # float noise only (padding changes matmul shapes; Adam normalises tiny gradient differences)
@@ -223,7 +224,7 @@ def test_deltas_land_at_subject_positions_under_right_padding(arch):
 
     model, tok = tiny_model(arch), tiny_tokenizer()
     lay = layout_of(model)
-    cfg = cfg_for(v_num_grad_steps=4, layers=[2])
+    cfg = cfg_for(v_num_grad_steps=4, layers=[2], v_rows_per_pass=3)
     res = compute_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg)
     for i, r in enumerate(REQUESTS):
         bare = encode(tok, r.prompt, r.subject)
