@@ -67,7 +67,3 @@ def average_two_stage(per_row: torch.Tensor, templates: ContextTemplates) -> tor
     groups = torch.split(per_req, sizes, dim=1)
     return torch.stack([g.mean(1) for g in groups], 1).mean(1)
 
-
-def bare_rows(templates: ContextTemplates) -> list[int]:
-    """Offsets of the bare-prompt template '{}' inside each request's block of key rows."""
-    return [i for i, t in enumerate(flat(templates)) if t == "{}"][:1]
