@@ -50,6 +50,7 @@ from .errors import CorpusError
 from .hooks import Trace
 from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
+from .prompts import pad_right
 
 log = logging.getLogger(__name__)
 
@@ -292,23 +293,13 @@ def iter_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask) CPU batches of packed sequences, right-padded with `pad_id`."""
     batch: list[list[int]] = []
-
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, s in enumerate(batch):
-            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[r, : len(s)] = 1
-        return ids, mask
-
     for seq in pack_sequences(texts, tok, seq_len):
         batch.append(seq)
         if len(batch) == batch_size:
-            yield make()
+            yield pad_right(batch, pad_id)
             batch = []
     if batch:
-        yield make()
+        yield pad_right(batch, pad_id)
 
 
 def batch_keys(
