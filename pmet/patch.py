@@ -80,15 +80,20 @@ class EditResult:
     def originals_sha(self) -> dict[str, str]:
         return {k: tensor_sha256(v) for k, v in self.originals.items()}
 
+    def edited_sha(self) -> dict[str, str]:
+        """SHA-256 of each edited matrix as `apply` leaves it (W0 + Δ in the weight's dtype)."""
+        return {u.weight: tensor_sha256(self.originals[u.weight] + u.delta.to(self.originals[u.weight].dtype))
+                for u in self.updates}
+
     # -- files ---------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
+        original_sha, edited_sha = self.originals_sha(), self.edited_sha()
         weights = {
             u.weight: {
                 "layer": u.layer, "component": u.component, "residual_norm": u.residual_norm,
                 "delta_norm": float(u.delta.float().norm()),
-                "sha256_original": tensor_sha256(self.originals[u.weight]),
-                "sha256_edited": tensor_sha256(self.originals[u.weight] + u.delta.to(
-                    self.originals[u.weight].dtype)),
+                "sha256_original": original_sha[u.weight],
+                "sha256_edited": edited_sha[u.weight],
                 "dtype": str(self.originals[u.weight].dtype).removeprefix("torch."),
             }
             for u in self.updates
@@ -201,10 +206,9 @@ def apply_deltas(model: PreTrainedModel, deltas: dict[str, torch.Tensor], origin
 
 def revert_patch(model: PreTrainedModel, patch: EditResult) -> None:
     """Restore the original weights of an edited model, refusing if it does not carry this patch."""
-    meta_sha = {u.weight: tensor_sha256(patch.originals[u.weight] + u.delta.to(patch.originals[u.weight].dtype))
-                for u in patch.updates}
-    for name, sha in meta_sha.items():
+    original_sha = patch.originals_sha()
+    for name, sha in patch.edited_sha().items():
         W = get_weight_by_name(model, name)
-        if tensor_sha256(W) not in (sha, tensor_sha256(patch.originals[name])):
+        if tensor_sha256(W) not in (sha, original_sha[name]):
             raise PatchError(f"weight '{name}' is neither the edited nor the original one: not this patch's model")
     patch.revert(model)
