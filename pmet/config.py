@@ -30,7 +30,7 @@ _IGNORED_KEYS = {
     "alg_name", "model_name", "stats_dir", "device", "model_parallel", "layer_selection", "v_loss_layer",
     "rewrite_module_tmp", "rewrite_module_tmps", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
     "ln_f_module", "lm_head_module", "mom2_adjustment", "max_length", "batch_size", "fp16", "description",
-    "model", "family", "notes", "source", "tuning",
+    "model", "family", "notes", "source", "tuning", "methods",
 }
 _RENAMED_KEYS = {"nll_loss_factor": "nll_factor"}
 
@@ -50,6 +50,7 @@ class PMETConfig:
     nll_factor_when_argmax: float = 0.1  # φ once the target is argmax at every target position (App. D)
     stop_loss: float = 0.05  # stop when the total loss is below this
     stop_kl: float = 0.01  # ... or when the target is argmax and KL ≤ this (App. D)
+    stop_rule: str = "argmax"  # "argmax": PMET's rule above; "loss": MEMIT/ROME compute_z, loss < stop_loss only
     kl_prompt: str = "{} is a"  # p' of Eq. 10
     fact_token: str = "subject_last"  # only the subject's last token is supported
     v_batch_size: int = 64  # requests optimised together in one forward/backward
@@ -72,6 +73,10 @@ class PMETConfig:
     attn_delta: bool = True
     update_modules: list[str] = field(default_factory=lambda: ["ffn"])
     spread: str = "sqrt"
+    # FT-W baseline (ROME's constrained fine-tuning "FT-L"): Adam on one FFN output projection (layers[0])
+    ft_num_steps: int = 25  # optimiser steps per edit
+    ft_lr: float = 5e-4
+    ft_norm_constraint: float = 5e-4  # L∞ bound on the change of every weight entry
     # Informational: reference sample count, kept so official files round-trip
     mom2_n_samples: int | None = None
 
@@ -94,6 +99,8 @@ class PMETConfig:
             raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
         if self.target_site == "layer_output" and self.update_modules != ["ffn"]:
             raise bad("update_modules", "MEMIT (target_site=layer_output) updates the FFN only")
+        if self.stop_rule not in ("argmax", "loss"):
+            raise bad("stop_rule", "must be 'argmax' (PMET, App. D) or 'loss' (MEMIT/ROME: loss < stop_loss only)")
         if self.v_compute_dtype not in ("float32", "bfloat16", "float16"):
             raise bad("v_compute_dtype", "must be float32, bfloat16 or float16")
         if self.fact_token != "subject_last":
@@ -103,7 +110,8 @@ class PMETConfig:
         for name in ("v_num_grad_steps", "v_batch_size", "v_rows_per_pass", "mom2_n_tokens", "context_template_length"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
-        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "ft_lr", "ft_norm_constraint",
+                     "ft_num_steps"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
 
@@ -123,7 +131,20 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "update-attn": {"update_modules": ["ffn", "attn"]},
     "even-spread": {"spread": "even"},
 }
-MEMIT_OVERRIDES: dict[str, Any] = {"target_site": "layer_output", "attn_delta": False, "spread": "even"}
+MEMIT_OVERRIDES: dict[str, Any] = {"target_site": "layer_output", "attn_delta": False, "spread": "even",
+                                   "stop_rule": "loss"}
+METHODS = ("pmet", "memit", "rome", "ft")
+# What makes each baseline that baseline, whatever the preset says; a preset's `methods: {name: {...}}` section
+# then sets its per-model values (layers, steps, ...), and user overrides come last.
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "pmet": {},
+    "memit": MEMIT_OVERRIDES,
+    # ROME: v at one layer's FFN output (no δa), compute_v's stopping rule; the rank-one update is in rome.py
+    # (v_* values: ROME's GPT-J hparams, kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json; layers from the preset)
+    "rome": {"target_site": "components", "attn_delta": False, "stop_rule": "loss", "v_num_grad_steps": 20,
+             "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
+    "ft": {},
+}
 
 
 def from_dict(data: dict[str, Any], *, source: str) -> PMETConfig:
@@ -157,8 +178,11 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str, **overrides: Any) -> PMETConfig:
-    """Load a named preset (`pmet/presets/<name>.yaml`) or a YAML/JSON file, then apply `overrides`."""
+def load_config(name_or_path: str, method: str = "pmet", **overrides: Any) -> PMETConfig:
+    """Load a named preset (`pmet/presets/<name>.yaml`) or a YAML/JSON file for `method` (its base fields, then
+    METHOD_OVERRIDES[method], then the file's `methods: {method: {...}}` section), then apply `overrides`."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") and path.exists():
         text, source = path.read_text(), str(path)
@@ -175,6 +199,14 @@ def load_config(name_or_path: str, **overrides: Any) -> PMETConfig:
         raise ConfigError(f"{source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of config fields")
+    sections = data.get("methods") or {}
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ConfigError(f"{source}: 'methods' must map method names to mappings of config fields")
+    unknown = set(sections) - set(METHODS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown method section(s) {sorted(unknown)} under 'methods'")
+    data.update(METHOD_OVERRIDES[method])
+    data.update(sections.get(method, {}))
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(data, source=source)
 

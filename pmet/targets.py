@@ -264,7 +264,7 @@ def _optimise_chunk(
             for key, val in (("nll", nll), ("kl", kl_loss), ("prob", prob)):
                 last[key] = torch.where(running, val.detach(), last[key])
             stop_loss = running & (loss < cfg.stop_loss)
-            argmax_now = running & ~stop_loss & all_argmax
+            argmax_now = running & ~stop_loss & all_argmax & (cfg.stop_rule == "argmax")
             stop_kl = argmax_now & (kl_loss <= cfg.stop_kl)
             nll_factor = torch.where(argmax_now, cfg.nll_factor * cfg.nll_factor_when_argmax,
                                      torch.full_like(nll_factor, float(cfg.nll_factor)))
