@@ -19,7 +19,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .console import MODEL_HELP, console, out_console
+from .console import METHOD_HELP, MODEL_HELP, console, out_console
 from .console import fail as _fail
 from .errors import ConfigError, PmetError
 
@@ -28,21 +28,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict) -> Any:
-    from .config import ABLATIONS, MEMIT_OVERRIDES, PRESET_BY_MODEL_TYPE, load_config
+    from .config import ABLATIONS, PRESET_BY_MODEL_TYPE, load_config
 
     name = config or lm.preset or PRESET_BY_MODEL_TYPE.get(lm.model.config.model_type)
     if name is None:
         raise ConfigError(f"no preset for model type '{lm.model.config.model_type}': pass --config FILE")
     extra: dict[str, Any] = {}
-    if method == "memit":
-        extra.update(MEMIT_OVERRIDES)
-    elif method != "pmet":
-        raise ConfigError(f"unknown --method '{method}' (pmet or memit)")
     if ablation:
         if ablation not in ABLATIONS:
             raise ConfigError(f"unknown --ablation '{ablation}' (choose from {', '.join(ABLATIONS)})")
+        if method != "pmet":
+            raise ConfigError("--ablation applies to --method pmet only")
         extra.update(ABLATIONS[ablation])
-    return load_config(name, **{**extra, **overrides})
+    return load_config(name, method=method, **{**extra, **overrides})
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -118,7 +116,7 @@ def edit(
     requests: Path = typer.Option(..., "--requests", "-r", help="JSONL, JSON or CSV file of edit requests."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
-    method: str = typer.Option("pmet", help="pmet, or memit (the baseline: one δ on the layer output, even spread)."),
+    method: str = typer.Option("pmet", help=METHOD_HELP),
     ablation: str | None = typer.Option(None, help="no-attn-delta | update-attn | even-spread (Table 3)."),
     report: Path | None = typer.Option(None, "--report", help="Write the before/after report JSON here."),
     out: Path | None = typer.Option(None, "--out", help="Write the patch (patch.safetensors) into this folder."),
@@ -136,7 +134,7 @@ def edit(
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
     from .arch import layout_of
-    from .editor import edit as run_edit
+    from .methods import apply_method
     from .models import load_model
     from .requests import load_requests
 
@@ -155,8 +153,8 @@ def edit(
         t = time.perf_counter()
         before = _measure(lm, layout, reqs)
         measure_s = time.perf_counter() - t
-        result = run_edit(lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir, model_name=model,
-                          progress=not quiet)
+        result = apply_method(method, lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir,
+                              model_name=model, progress=not quiet)
         t = time.perf_counter()
         after = _measure(lm, layout, reqs)
         measure_s += time.perf_counter() - t
@@ -296,7 +294,79 @@ def stats(
         out_console.print(f"  layer {layer}: {tuple(t.shape)}, trace {float(t.trace()):.4g}")
 
 
+@app.command()
+def trace(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    facts: Path = typer.Option(..., "--facts", help="ROME's known_1000.json (prompt, subject, attribute)."),
+    n: int = typer.Option(50, "--n", help="Facts to trace: the first N the model knows."),
+    samples: int = typer.Option(10, help="Noise samples per fact (ROME: 10)."),
+    window: int = typer.Option(10, help="Layers restored together for ffn/attn (ROME: 10)."),
+    kinds: str = typer.Option("hidden,ffn,attn", help="States to restore: hidden, ffn, attn."),
+    span: int | None = typer.Option(None, help="Size of the suggested layer range (default: the preset's)."),
+    plot_facts: int = typer.Option(3, help="Also plot the per-token heatmaps of the first K facts."),
+    out: Path = typer.Option(..., "--out", help="Output folder (trace.json, heatmaps)."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("auto"),
+    cache_dir: Path | None = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Causal tracing (ROME): where does the model recall facts? Heatmaps and a suggested critical-layer range."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from . import causal_trace as ct
+    from .models import load_model
+
+    try:
+        kind_list = tuple(k.strip() for k in kinds.split(","))
+        if not set(kind_list) <= set(ct.KINDS):
+            raise ConfigError(f"--kinds must be a subset of {','.join(ct.KINDS)}")
+        try:
+            raw = json.loads(facts.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{facts}: cannot read facts: {e}") from None
+        for i, f in enumerate(raw):
+            for key in ("prompt", "subject", "attribute"):
+                if not isinstance(f, dict) or not isinstance(f.get(key), str):
+                    raise ConfigError(f"{facts}: record {i}: field '{key}': required string")
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        span = span or len(_config_for(lm, None, "pmet", None, {}).layers)
+        chosen = ct.known_facts(lm.model, lm.tok, raw, n)
+        if not chosen:
+            raise ConfigError(f"{facts}: the model knows none of the facts (greedy answer = attribute)")
+        noise = 3 * ct.embedding_noise_std(lm.model, lm.tok, [f["subject"] for f in raw])
+        traces = [ct.trace_fact(lm.model, lm.tok, f["prompt"], f["subject"], noise=noise, samples=samples,
+                                window=window, kinds=kind_list)
+                  for f in tqdm(chosen, desc="tracing", unit="fact", disable=quiet)]
+    except PmetError as e:
+        _fail(str(e))
+        return
+    mean = {k: np.nanmean(np.stack([t.grouped(k) for t in traces]), axis=0) for k in kind_list}
+    suggested = ct.suggest_layers(mean, span) if "ffn" in mean else None
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model": model, "n_facts": len(traces), "samples": samples, "window": window, "noise": noise,
+        "groups": list(ct.GROUPS), "average_indirect_effect": {k: v.tolist() for k, v in mean.items()},
+        "suggested_layers": suggested,
+        "facts": [{"prompt": t.prompt, "subject": t.subject, "answer": t.answer, "clean": t.clean,
+                   "corrupted": t.corrupted, "tokens": t.tokens, "subject_range": list(t.subject_range),
+                   "scores": {k: v.tolist() for k, v in t.scores.items()}} for t in traces],
+    }
+    _write_json_atomic(out / "trace.json", data)
+    ct.plot_grouped(mean, len(traces), model, str(out / "average_indirect_effect.png"))
+    for i, t in enumerate(traces[:plot_facts]):
+        ct.plot_fact(t, str(out / f"fact_{i}.png"))
+    out_console.print(f"traced {len(traces)} facts the model knows (of {len(raw)}); noise {noise:.3g}")
+    if suggested is not None:
+        out_console.print(f"suggested critical layers (max FFN effect at the last subject token, span {span}): "
+                          f"{suggested[0]}-{suggested[-1]}")
+    out_console.print(f"written to {out}/ (trace.json, average_indirect_effect.png, fact_*.png)")
+
+
 from .analysis.cli import app as analyze_app  # noqa: E402
+from .evaluation.cli import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 
 app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses (Figure 2, Figure 4).")
 

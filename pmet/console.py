@@ -8,6 +8,8 @@ from rich.console import Console
 console = Console(stderr=True)
 out_console = Console()
 
+METHOD_HELP = ("pmet; memit (one δ on the layer output, even spread, MEMIT's stopping rule); rome (rank-one, one "
+               "layer, edits applied in sequence); ft (FT-W: L∞-constrained fine-tuning of one FFN projection).")
 MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .models import cache_root
 from .models import fingerprint as model_fingerprint
 from .patch import EditResult
 from .requests import EditRequest
+from .target_cache import cached_targets
 from .targets import compute_targets
 from .update import insert
 
@@ -65,6 +67,45 @@ def _normalise_c0(c0: C0Input) -> dict[tuple[int, str], torch.Tensor]:
     return {(k if isinstance(k, tuple) else (k, "ffn")): v for k, v in c0.items()}
 
 
+@dataclass
+class Prepared:
+    """The derived inputs of an edit: context templates, C0 per (layer, component), the base fingerprint."""
+
+    templates: ContextTemplates
+    c0: dict[tuple[int, str], torch.Tensor]
+    fingerprint: str
+    stats: dict[str, Any]
+    timings: dict[str, float]
+
+
+def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, config: PMETConfig, *,
+            c0: C0Input | None = None, context_templates: ContextTemplates | None = None,
+            corpus: str | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+            fingerprint: str | None = None) -> Prepared:
+    """Context templates and C0 for `config`: the given ones (checked), else the model's own (cached)."""
+    layout = layout_of(model)
+    if layout.n_layers <= config.L:
+        raise ConfigError(f"config field 'layers': {config.layers} exceeds the model's {layout.n_layers} layers")
+    timings: dict[str, float] = {}
+    fp = fingerprint or model_fingerprint(model)
+    t = time.perf_counter()
+    templates = validate_templates(context_templates) if context_templates is not None else \
+        context_templates_for(model, tok, config, fp, cache_dir)
+    timings["context_templates"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stats_info: dict[str, Any] = {"source": "given"}
+    if c0 is None:
+        c0n, stats_info = covariances(model, tok, config, fp, corpus=corpus, cache_dir=cache_dir,
+                                      progress=progress)
+    else:
+        c0n = _normalise_c0(c0)
+    missing = [(l, c) for l in config.layers for c in config.update_modules if (l, c) not in c0n]
+    if missing:
+        raise ConfigError(f"C0 missing for (layer, component) {missing}")
+    timings["stats"] = time.perf_counter() - t
+    return Prepared(templates, c0n, fp, stats_info, timings)
+
+
 def edit(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -78,35 +119,25 @@ def edit(
     model_name: str = "",
     progress: bool = True,
     fingerprint: str | None = None,
+    target_cache: bool = False,
 ) -> EditResult:
-    """Apply all `requests` to `model` as ONE batch edit (in place) and return what was done."""
+    """Apply all `requests` to `model` as ONE batch edit (in place) and return what was done.
+
+    With `target_cache`, target vectors are read from / written to the cache (pmet.target_cache)."""
     if not requests:
         raise ConfigError("no requests to edit")
     layout = layout_of(model)
-    if layout.n_layers <= config.L:
-        raise ConfigError(f"config field 'layers': {config.layers} exceeds the model's {layout.n_layers} layers")
-    timings: dict[str, float] = {}
-    fp = fingerprint or model_fingerprint(model)
+    prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
+                   cache_dir=cache_dir, progress=progress, fingerprint=fingerprint)
+    templates, c0n, timings = prep.templates, prep.c0, dict(prep.timings)
 
     t = time.perf_counter()
-    templates = validate_templates(context_templates) if context_templates is not None else \
-        context_templates_for(model, tok, config, fp, cache_dir)
-    timings["context_templates"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    stats_info: dict[str, Any] = {"source": "given"}
-    if c0 is None:
-        c0n, stats_info = covariances(model, tok, config, fp, corpus=corpus, cache_dir=cache_dir,
-                                      progress=progress)
+    if target_cache:
+        targets, hits = cached_targets(model, tok, layout, requests, templates, config, fingerprint=prep.fingerprint,
+                                       cache_dir=cache_dir, progress=progress)
+        prep.stats["target_cache_hits"] = hits
     else:
-        c0n = _normalise_c0(c0)
-    missing = [(l, c) for l in config.layers for c in config.update_modules if (l, c) not in c0n]
-    if missing:
-        raise ConfigError(f"C0 missing for (layer, component) {missing}")
-    timings["stats"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    targets = compute_targets(model, tok, layout, requests, templates, config, progress=progress)
+        targets = compute_targets(model, tok, layout, requests, templates, config, progress=progress)
     timings["targets"] = time.perf_counter() - t
 
     names = [f"{layout.edited_module(l, c)}.weight" for l in config.layers for c in config.update_modules]
@@ -123,6 +154,6 @@ def edit(
     timings["update"] = time.perf_counter() - t
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=targets,
-        context_templates=templates, fingerprint=fp, model_name=model_name, timings=timings,
-        stats=stats_info,
+        context_templates=templates, fingerprint=prep.fingerprint, model_name=model_name, timings=timings,
+        stats=prep.stats,
     )

@@ -1,0 +1,94 @@
+"""ROME (Meng et al., 2022): a rank-one update of one layer's FFN output projection per edit, applied in sequence.
+
+For each request, on the model as edited so far:
+    v    = m0 + δm at layer l, from the Eq. 10 machinery with one layer, no δa and ROME's stopping rule
+           (loss < stop_loss only; `config.METHOD_OVERRIDES["rome"]`)
+    k*   = key at the subject's last token, averaged over the context templates (two-stage, as PMET)
+    u    = C0⁻¹ k*                                   (ROME Eq. 2 with the second moment C0 = E[k kᵀ])
+    Δ    = (v − W k*) uᵀ / (uᵀ k*)                    (the closed-form rank-one solution)
+W k* is read as the current FFN output at the bare prompt. ROME's own context templates (20 generated prefixes)
+are replaced by PMET's, so all methods see the same prefixes; this is written in docs/EVALUATION.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..arch import as_linear, get_weight, layout_of
+from ..config import PMETConfig
+from ..context import ContextTemplates
+from ..editor import prepare
+from ..errors import ConfigError
+from ..keys import Site, average_two_stage, key_rows, read_at_subject
+from ..patch import EditResult
+from ..requests import EditRequest
+from ..targets import Targets, compute_targets
+from .common import finish_sequential
+
+
+def rank_one_delta(v: torch.Tensor, current: torch.Tensor, k: torch.Tensor, C0: torch.Tensor) -> torch.Tensor:
+    """Δ = (v − current) (C0⁻¹k)ᵀ / (kᵀ C0⁻¹ k), in float64 (ROME Eq. 2). Shapes: (d_out,), (d_out,), (d_in,),
+    (d_in, d_in) -> (d_out, d_in). After W += Δ, the projection maps k to v exactly."""
+    k64 = k.double()
+    u = torch.linalg.solve(C0.double().to(k.device), k64)
+    return torch.outer((v.double() - current.double()), u) / torch.dot(u, k64)
+
+
+def edit_rome(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    config: PMETConfig,
+    *,
+    c0: dict | None = None,
+    context_templates: ContextTemplates | None = None,
+    corpus: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model_name: str = "",
+    progress: bool = True,
+    fingerprint: str | None = None,
+) -> EditResult:
+    """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult."""
+    if len(config.layers) != 1:
+        raise ConfigError(f"config field 'layers': ROME edits one layer, got {config.layers} "
+                          "(set methods.rome.layers in the preset)")
+    layout = layout_of(model)
+    l = config.layers[0]
+    prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
+                   cache_dir=cache_dir, progress=progress, fingerprint=fingerprint)
+    name = layout.edited_module(l, "ffn")
+    W = get_weight(model, name)
+    original = W.detach().cpu().clone()
+    key_site, value_site = Site(name, "in"), Site(layout.ffn_out(l), "out")
+    diags, v_all, residuals = [], [], []
+    t_targets = t_update = 0.0
+    from tqdm.auto import tqdm
+
+    for r in tqdm(requests, desc="rome", unit="edit", disable=not progress):
+        t = time.perf_counter()
+        tg = compute_targets(model, tok, layout, [r], prep.templates, config)
+        t_targets += time.perf_counter() - t
+        t = time.perf_counter()
+        got = read_at_subject(model, key_rows(tok, [r], prep.templates), [key_site, value_site],
+                              pad_id=tok.pad_token_id, stop_after=value_site.module)
+        k = average_two_stage(got[key_site], prep.templates)[0]
+        current = got[value_site][0]
+        delta = rank_one_delta(tg.ffn[0], current, k, prep.c0[(l, "ffn")])
+        with torch.no_grad():
+            W.add_(as_linear(delta, layout.spec.conv1d).to(W.dtype))
+        t_update += time.perf_counter() - t
+        diags += tg.diagnostics
+        v_all.append(tg.ffn)
+        residuals.append(float((tg.ffn[0] - current).norm()))
+    update = finish_sequential(model, name, l, original, sum(residuals) / len(residuals))
+    return EditResult(
+        requests=list(requests), config=config, updates=[update], originals={f"{name}.weight": original},
+        targets=Targets(ffn=torch.cat(v_all), attn=None, diagnostics=diags),
+        context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=model_name,
+        timings={**prep.timings, "targets": t_targets, "update": t_update}, stats=prep.stats,
+    )
+

@@ -1,0 +1,97 @@
+"""A disk cache of target vectors (Eq. 10), one file per request, so that runs sharing targets (PMET, the
+even-spread and update-attn ablations) optimise each request once.
+
+Key: the model fingerprint (a different or already-edited model has another), the request's subject, prompt and
+new target, the context templates, and every config field the optimisation reads (`TARGET_FIELDS`, L included).
+Not in the key: the batch layout (`v_batch_size`, `v_rows_per_pass`); batched and one-at-a-time optimisation agree
+to float rounding (docs/PERFORMANCE.md). Files are safetensors, written atomically; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .arch import ModelLayout
+from .config import PMETConfig
+from .context import ContextTemplates
+from .models import cache_root
+from .requests import EditRequest
+from .targets import TargetDiagnostics, Targets, compute_targets
+
+TARGET_FIELDS = (
+    "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "nll_factor",
+    "nll_factor_when_argmax", "stop_loss", "stop_kl", "stop_rule", "kl_prompt", "fact_token", "target_site",
+    "attn_delta", "v_compute_dtype",
+)
+
+
+def request_key(fingerprint: str, request: EditRequest, templates: ContextTemplates, cfg: PMETConfig) -> str:
+    """Hex digest identifying one request's target under `cfg` on the model with `fingerprint`."""
+    data = {
+        "fingerprint": fingerprint, "L": cfg.L, "templates": templates,
+        "request": [request.subject, request.prompt, request.target_new],
+        "config": {f: getattr(cfg, f) for f in TARGET_FIELDS},
+    }
+    return hashlib.blake2b(json.dumps(data, sort_keys=True).encode(), digest_size=20).hexdigest()
+
+
+def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, TargetDiagnostics] | None:
+    try:
+        from safetensors import safe_open
+
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            diag = TargetDiagnostics(**json.loads(f.metadata()["diagnostics"]))
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+        return None  # missing or unreadable: recompute
+    return tensors["ffn"], tensors.get("attn"), diag
+
+
+def _save(path: Path, ffn: torch.Tensor, attn: torch.Tensor | None, diag: TargetDiagnostics) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"ffn": ffn.detach().float().cpu().contiguous()}
+    if attn is not None:
+        tensors["attn"] = attn.detach().float().cpu().contiguous()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"diagnostics": json.dumps(diag.to_dict())})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cached_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout,
+                   requests: list[EditRequest], templates: ContextTemplates, cfg: PMETConfig, *,
+                   fingerprint: str, cache_dir: str | os.PathLike | None = None, progress: bool = False
+                   ) -> tuple[Targets, int]:
+    """`compute_targets` for the requests not in the cache; returns the targets of all and how many were hits."""
+    folder = cache_root(cache_dir) / "targets" / fingerprint
+    paths = [folder / f"{request_key(fingerprint, r, templates, cfg)}.safetensors" for r in requests]
+    found = [_load(p) for p in paths]
+    if cfg.attn_delta and cfg.target_site == "components":
+        found = [f if f is None or f[1] is not None else None for f in found]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        fresh = compute_targets(model, tok, layout, [requests[i] for i in missing], templates, cfg, progress=progress)
+        for j, i in enumerate(missing):
+            attn = fresh.attn[j] if fresh.attn is not None else None
+            found[i] = (fresh.ffn[j].cpu(), attn.cpu() if attn is not None else None, fresh.diagnostics[j])
+            _save(paths[i], *found[i])
+    device = next(model.parameters()).device
+    has_attn = all(f[1] is not None for f in found) and cfg.attn_delta and cfg.target_site == "components"
+    return Targets(
+        ffn=torch.stack([f[0] for f in found]).to(device),
+        attn=torch.stack([f[1] for f in found]).to(device) if has_attn else None,
+        diagnostics=[f[2] for f in found],
+    ), len(requests) - len(missing)
