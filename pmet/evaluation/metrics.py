@@ -278,7 +278,7 @@ def aggregate_records(per_record: Sequence[Mapping[str, Sequence[bool | float]]]
     for key, means in per_metric.items():
         mean, ci = mean_ci95(means)
         out[key] = {"mean": mean, "ci95": ci, "n": len(means)}
-    parts = ("efficacy", "generalisation", "specificity")
+    parts = ("efficacy", "generalization", "specificity")
     if all(k in out for k in parts):
         out["score"] = {"mean": harmonic_mean([out[k]["mean"] for k in parts])}
     return out

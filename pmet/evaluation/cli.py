@@ -1,0 +1,80 @@
+"""`pmet eval`: measure a method on CounterFact or zsRE against the unedited model (docs/EVALUATION.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..console import METHOD_HELP, MODEL_HELP, console, fail, out_console
+from ..errors import ConfigError, PmetError
+
+
+def eval_command(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("pmet", help=METHOD_HELP),
+    dataset: str = typer.Option("counterfact", help="counterfact or zsre."),
+    data: Path = typer.Option(..., "--data", help="Dataset JSON: full-format or EasyEdit CounterFact; MEND or "
+                              "KnowEdit zsRE (e.g. ../shared/data/counterfact_rome_subsets/...)."),
+    edits: int | None = typer.Option(None, "--edits", "-n", help="Number of records (edits); default: all."),
+    slice_: str = typer.Option("test", "--slice", help="dev, test or all (docs/EVALUATION.md: fixed by case id)."),
+    ablation: str | None = typer.Option(None, help="no-attn-delta | update-attn | even-spread (Table 3)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
+    sequential_batches: int | None = typer.Option(None, help="Apply the N edits as consecutive batches of K."),
+    out: Path = typer.Option(..., "--out", help="Output folder (records.jsonl, summary.json/.md, PNGs)."),
+    label: str | None = typer.Option(None, help="Name of the method in tables (default: method[+ablation])."),
+    zsre_target: str = typer.Option("answers", help="zsRE MEND format: new target = answers[0] (ROME/MEMIT) or alt "
+                                    "(EasyEdit)."),
+    generation: bool = typer.Option(True, help="Sample generations for fluency/consistency (full CounterFact)."),
+    generation_prompts: int | None = typer.Option(None, help="Generation prompts per record (default: all)."),
+    generation_length: int = typer.Option(100, help="Tokens per generated text, prompt included."),
+    tfidf_dir: Path | None = typer.Option(None, help="Folder with ROME's idf.npy and tfidf_vocab.json."),
+    attribute_snippets: Path | None = typer.Option(None, help="ROME's attribute_snippets.json (consistency)."),
+    batch_size: int = typer.Option(64, help="Rows per teacher-forced evaluation pass."),
+    target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
+                                      "config)."),
+    corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
+    stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
+    layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),
+    v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
+    seed: int = typer.Option(0, help="Seed of context templates and generation sampling."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
+    cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Edit N benchmark records with one method and report the paper's metrics, the unedited model first."""
+    from ..cli import _config_for
+    from ..models import load_model
+    from .data import load_eval_records
+    from .evaluate import EvalOptions
+    from .report import markdown_table
+    from .run import run_eval
+
+    try:
+        if (tfidf_dir is None) != (attribute_snippets is None):
+            raise ConfigError("consistency needs both --tfidf-dir and --attribute-snippets")
+        if zsre_target not in ("answers", "alt"):
+            raise ConfigError("--zsre-target must be 'answers' or 'alt'")
+        records = load_eval_records(data, dataset, n=edits, slice_=slice_, zsre_target=zsre_target)
+        with console.status(f"loading {model}"):
+            lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
+                     "layers": [int(x) for x in layers.split(",")] if layers else None}
+        cfg = _config_for(lm, config, method, ablation, overrides)
+        opts = EvalOptions(batch_size=batch_size, generation=generation, generation_prompts=generation_prompts,
+                           generation_length=generation_length, seed=seed,
+                           tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
+                           attribute_snippets=str(attribute_snippets) if attribute_snippets else None)
+        name = label or (f"{method}+{ablation}" if ablation else method)
+        summary = run_eval(lm, records, method, cfg, out, label=name,
+                           opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
+                           cache_dir=cache_dir, corpus=corpus, progress=not quiet,
+                           extra={"data": str(data), "slice": slice_, "ablation": ablation})
+    except PmetError as e:
+        fail(str(e))
+        return
+    out_console.print(markdown_table([summary]))
+    t = summary["timings"]
+    out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    out_console.print(f"written to {out}/ (records.jsonl, summary.json, summary.md, metrics.png, margins.png)")

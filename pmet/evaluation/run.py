@@ -1,0 +1,103 @@
+"""`pmet eval` as a function: evaluate the unedited model, edit with one method, evaluate again, write outputs.
+
+Outputs in `out_dir` (each written atomically, and only after everything succeeded):
+    records.jsonl   one line per record: the request, and for "unedited" and "edited" every scored prompt
+                    (mean log-probabilities, token hits, argmax ids), the per-record metrics and the generations
+    summary.json    {"method", "model", "dataset", "n", "metrics": {name: {"mean", "ci95", "n"}}, "unedited":
+                    {...the same for the unedited model}, "timings": {...}, "delta_norms", "config", ...};
+                    fractions in 0–1 except fluency (100 × entropy in bits, as ROME reports it)
+    summary.md      the Markdown table (unedited model first)
+    metrics.png, margins.png   plots (report.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import PMETConfig
+from ..methods import apply_method
+from .data import EvalRecord
+from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
+from .report import markdown_table, plot_margins, plot_metrics
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig, out_dir: str | Path, *,
+             label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
+             target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
+             c0: dict | None = None, context_templates: list[list[str]] | None = None,
+             progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate, edit all `records` with `method`, evaluate again, write the outputs; returns the summary. The
+    model is reverted to its original weights (bit-exact) before returning."""
+    opts = opts or EvalOptions()
+    out = Path(out_dir)
+    references = ReferenceTexts(opts.attribute_snippets, opts.tfidf_dir) \
+        if opts.attribute_snippets and opts.tfidf_dir else None
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    before = evaluate_records(lm.model, lm.tok, records, opts, references=references, progress=progress,
+                              desc="unedited")
+    timings["eval_unedited"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
+                          sequential_batches=sequential_batches, c0=c0, context_templates=context_templates,
+                          corpus=corpus, cache_dir=cache_dir, model_name=lm.name, progress=progress,
+                          target_cache=target_cache)
+    timings["edit_total"] = time.perf_counter() - t
+    timings.update({f"edit_{k}": v for k, v in result.timings.items()})
+    try:
+        t = time.perf_counter()
+        after = evaluate_records(lm.model, lm.tok, records, opts, reference=before, references=references,
+                                 progress=progress, desc="edited")
+        timings["eval_edited"] = time.perf_counter() - t
+    finally:
+        result.revert(lm.model)
+
+    metrics_before, metrics_after = summarize(before), summarize(after)
+    for m in (metrics_before, metrics_after):
+        if records[0].dataset == "counterfact" and "consistency" not in m:
+            m["consistency"] = {"mean": None, "ci95": None, "n": 0,
+                                "note": "not available: needs --attribute-snippets and --tfidf-dir"}
+    stops: dict[str, int] = {}
+    for d in result.targets.diagnostics:
+        stops[d.stop] = stops.get(d.stop, 0) + 1
+    summary = {
+        "method": label or method, "base_method": method, "model": lm.name, "dataset": records[0].dataset,
+        "data_format": records[0].data_format, "n": len(records), "sequential_batches": sequential_batches,
+        "metrics": metrics_after, "unedited": {"metrics": metrics_before}, "timings": timings,
+        "delta_norms": result.delta_norms(), "target_stops": stops,
+        "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
+        **(extra or {}),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_records(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec, b, a in zip(records, before, after, strict=True):
+                f.write(json.dumps({"case_id": rec.case_id, "request": rec.request.to_dict(),
+                                    "unedited": b, "edited": a}) + "\n")
+
+    _atomic_write(out / "records.jsonl", write_records)
+    _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    _atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table([summary]) + "\n"))
+    _atomic_write(out / "metrics.png", lambda tmp: plot_metrics(summary, tmp))
+    _atomic_write(out / "margins.png", lambda tmp: plot_margins(records, before, after, summary["method"], tmp))
+    return summary
