@@ -176,13 +176,13 @@ def test_mean_ci95():
 
 def test_aggregate_records_means_per_record_first():
     records = [
-        {"efficacy": [True], "generalisation": [True, False], "specificity": [True, True, True, False]},
-        {"efficacy": [False], "generalisation": [True, True, True], "specificity": [True, True]},
+        {"efficacy": [True], "generalization": [True, False], "specificity": [True, True, True, False]},
+        {"efficacy": [False], "generalization": [True, True, True], "specificity": [True, True]},
     ]
     out = M.aggregate_records(records)
     assert out["efficacy"] == pytest.approx({"mean": 0.5, "ci95": 1.96 * 0.5 / math.sqrt(2), "n": 2})
     # per-record means 0.5 and 1.0 (pooling the prompts would give 4/5)
-    assert out["generalisation"] == pytest.approx({"mean": 0.75, "ci95": 1.96 * 0.25 / math.sqrt(2), "n": 2})
+    assert out["generalization"] == pytest.approx({"mean": 0.75, "ci95": 1.96 * 0.25 / math.sqrt(2), "n": 2})
     # per-record means 0.75 and 1.0 (pooling would give 5/6)
     assert out["specificity"] == pytest.approx({"mean": 0.875, "ci95": 1.96 * 0.125 / math.sqrt(2), "n": 2})
     assert out["score"]["mean"] == pytest.approx(3 / (1 / 0.5 + 1 / 0.75 + 1 / 0.875))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
+# `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
+# OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 ablations zsre gemma
+# (default: all, in that order). Each run evaluates the unedited model first, edits, evaluates again.
+# Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
+# fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
+set -euo pipefail
+N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
+GROUPS_=${*:-smollm2 ablations zsre gemma}
+DATA=${PMET_DATA_DIR:-../shared/data}
+CF=$DATA/counterfact_rome_subsets/counterfact_rome_format_subset.json
+ZSRE=$DATA/zsre/zsre_mend_eval_portability_gpt4.json
+COMMON=(--edits "$N" --slice test --corpus "$DATA/wikitext/wikitext-2-raw/wiki.valid.raw" --generation-prompts 2 -q)
+run() {  # name, then pmet eval arguments
+  local name=$1; shift
+  if [ -f "$OUT/$name/summary.json" ]; then echo "skip $name (done)"; return; fi
+  echo "=== $name: $(date -u +%H:%M:%S)"
+  pmet eval "${COMMON[@]}" --out "$OUT/$name" "$@"
+}
+for g in $GROUPS_; do
+  case $g in
+    smollm2)
+      for m in pmet memit rome ft; do run "smollm2-cf$N-$m" --model smollm2-135m --method $m --data "$CF"; done ;;
+    ablations)
+      for a in even-spread update-attn no-attn-delta; do
+        run "smollm2-cf$N-pmet+$a" --model smollm2-135m --method pmet --ablation $a --data "$CF"; done ;;
+    zsre)
+      for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
+    gemma)
+      for m in pmet memit; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
+    *) echo "unknown group $g" >&2; exit 2 ;;
+  esac
+done
+echo "=== done: $(date -u +%H:%M:%S)"

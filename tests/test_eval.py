@@ -1,0 +1,243 @@
+"""Evaluation pipeline, baselines, target cache and causal tracing on tiny random models (fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pmet.arch import get_weight, layout_of
+from pmet.baselines.ft import edit_ft
+from pmet.baselines.rome import edit_rome, rank_one_delta
+from pmet.config import PMETConfig, load_config
+from pmet.editor import edit
+from pmet.errors import RequestError
+from pmet.evaluation import metrics as M
+from pmet.evaluation.data import EvalRecord, in_dev_slice, load_eval_records
+from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize
+from pmet.evaluation.report import markdown_table
+from pmet.evaluation.scoring import score_rows
+from pmet.methods import apply_method
+from pmet.prompts import pad_right, target_ids
+from pmet.requests import make_request
+from pmet.target_cache import cached_targets
+
+from .test_engine import REQUESTS, TEMPLATES, cfg_for, identity_c0
+from .tiny import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _records(dataset="counterfact"):
+    reqs = [
+        make_request("Danielle Darrieux", "The mother tongue of {} is", "English", "French",
+                     paraphrase_prompts=["Danielle Darrieux spoke the language"],
+                     neighborhood_prompts=["The mother tongue of Léon Blum is", "Michel Rocard is a native speaker of"],
+                     generation_prompts=["Danielle Darrieux's mother tongue is"]),
+        make_request("Toko Yasuda", "{} plays the", "piano keyboard", "guitar",
+                     paraphrase_prompts=["Toko Yasuda is known for the"],
+                     neighborhood_prompts=["Jimi Hendrix plays the"],
+                     generation_prompts=["Toko Yasuda is incredible at"]),
+    ]
+    if dataset == "zsre":
+        return [EvalRecord(r, i, "zsre", "mend", locality_answers=("the cat",) * len(r.neighborhood_prompts))
+                for i, r in enumerate(reqs)]
+    return [EvalRecord(r, i, "counterfact", "rome") for i, r in enumerate(reqs)]
+
+
+def test_score_rows_matches_full_logits_with_padding():
+    """Compact, length-sorted scoring equals the metric functions on the full right-padded logits."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    rows = [(tuple(tok(p)["input_ids"]), target_ids(tok, t)) for p, t in
+            [("The mother tongue of Danielle Darrieux is", "English"), ("Toko Yasuda plays the", "piano keyboard"),
+             ("A", "the cat sat on")]]
+    got = score_rows(model, tok, rows, batch_size=2)
+    ids, mask = pad_right([p + t for p, t in rows], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    p_len = torch.tensor([len(p) for p, _ in rows])
+    t_len = torch.tensor([len(t) for _, t in rows])
+    want = M.mean_logprob_of_continuations(logits, ids, p_len, t_len)
+    assert got.mean_logprob == pytest.approx(want.tolist(), abs=1e-5)
+    hits, _ = M.target_token_correct(logits, ids, p_len, t_len)
+    assert [h for h in got.hits] == [hits[i, : t_len[i]].tolist() for i in range(3)]
+    assert [len(a) for a in got.argmax] == t_len.tolist()
+
+
+def test_unedited_model_keeps_its_own_answers():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    for dataset in ("counterfact", "zsre"):
+        recs = _records(dataset)
+        res = evaluate_records(model, tok, recs, EvalOptions(generation=False))
+        summary = summarize(res)
+        key = "easyedit_locality" if dataset == "counterfact" else "specificity"
+        assert summary[key]["mean"] == 1.0  # compared with itself
+        # a different model's argmax is not the same everywhere
+        other = evaluate_records(tiny_model("gpt2", seed=3), tok, recs, EvalOptions(generation=False), reference=res)
+        assert summarize(other)[key]["mean"] < 1.0
+    cf = summarize(evaluate_records(model, tok, _records(), EvalOptions(generation=False)))
+    assert {"efficacy", "generalization", "specificity", "score", "efficacy_magnitude"} <= set(cf)
+    assert cf["score"]["mean"] == pytest.approx(M.harmonic_mean(
+        [cf[k]["mean"] for k in ("efficacy", "generalization", "specificity")]))
+
+
+def test_generation_is_seeded_and_batched():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    from pmet.evaluation.generation import generate
+
+    prompts = ["The cat sat", "In 1999 the company moved to the", "A"]
+    a = generate(model, tok, prompts, max_length=12, batch_size=2, seed=1)
+    b = generate(model, tok, prompts, max_length=12, batch_size=2, seed=1)
+    assert a == b and all(t.startswith(p) for t, p in zip(a, prompts, strict=True))
+    assert any(len(t) > len(p) for t, p in zip(a, prompts, strict=True))
+
+
+def test_slices_are_disjoint_and_fixed(tmp_path):
+    recs = [{"case_id": i, "requested_rewrite": {"prompt": "{} is in", "subject": f"S{i}",
+                                                 "target_new": {"str": "Rome", "id": "Q1"},
+                                                 "target_true": {"str": "Paris", "id": "Q2"}},
+             "paraphrase_prompts": ["p"], "neighborhood_prompts": ["n"], "generation_prompts": []} for i in range(200)]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    dev = load_eval_records(path, "counterfact", slice_="dev")
+    test = load_eval_records(path, "counterfact", slice_="test")
+    assert {r.case_id for r in dev}.isdisjoint({r.case_id for r in test})
+    assert len(dev) + len(test) == 200 and 0 < len(dev) < 30
+    assert all(in_dev_slice(r.case_id) for r in dev)
+    assert dev[0].relation_id is None and dev[0].target_new_id == "Q1"
+    recs[5]["requested_rewrite"]["target_true"] = {"id": "Q2"}
+    path.write_text(json.dumps(recs))
+    with pytest.raises(RequestError, match=r"record 5: field 'requested_rewrite.target_true.str'"):
+        load_eval_records(path, "counterfact", slice_="all")
+
+
+def test_zsre_mend_record_follows_memit(data_dir):
+    rec = load_eval_records(data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.json", "zsre", n=1, slice_="all")[0]
+    raw = json.loads((data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.json").read_text())[0]
+    assert rec.request.target_new == raw["answers"][0]  # ROME/MEMIT: the new target is answers[0]
+    assert rec.request.neighborhood_prompts == (raw["loc"] + "?",) and rec.locality_answers == (raw["loc_ans"],)
+    alt = load_eval_records(data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.json", "zsre", n=1, slice_="all",
+                            zsre_target="alt")[0]
+    assert alt.request.target_new == raw["alt"]
+
+
+def test_rank_one_delta_maps_key_to_value():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    k, v = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    A = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    C0 = A @ A.T + torch.eye(4, dtype=torch.float64)
+    delta = rank_one_delta(v, W @ k, k, C0)
+    assert torch.allclose((W + delta) @ k, v, atol=1e-10)
+    assert torch.linalg.matrix_rank(delta) == 1
+    u = torch.linalg.solve(C0, k)
+    assert torch.allclose(delta, torch.outer(v - W @ k, u) / (u @ k))
+
+
+def test_rome_edits_one_layer_and_reverts_bit_exactly(tmp_path):
+    model, tok = tiny_model("gptj"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = cfg_for(layers=[1], attn_delta=False, stop_rule="loss")
+    res = edit_rome(model, tok, REQUESTS, cfg, c0=identity_c0(model, [1]), context_templates=TEMPLATES,
+                    progress=False)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == [res.updates[0].weight]
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    res.revert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    res.apply(model)
+    assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
+
+
+def test_ft_respects_the_linf_constraint():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    name = layout_of(model).edited_module(1, "ffn")
+    w0 = get_weight(model, name).clone()
+    cfg = PMETConfig(layers=[1], ft_num_steps=10, ft_lr=1e-2, ft_norm_constraint=1e-3)
+    res = edit_ft(model, tok, REQUESTS[:1], cfg, progress=False)
+    change = (get_weight(model, name) - w0).abs()
+    assert float(change.max()) <= 1e-3 + 1e-7
+    assert float(change.max()) > 5e-4  # it moved, up to the bound
+    assert not any(p.requires_grad for p in model.parameters())  # the model's frozen state is restored
+    res.revert(model)
+    assert torch.equal(get_weight(model, name), w0)
+
+
+def test_target_cache_hits_and_keys(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lay, cfg = layout_of(model), cfg_for()
+    t1, hits1 = cached_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg, fingerprint="fp", cache_dir=tmp_path)
+    t2, hits2 = cached_targets(model, tok, lay, REQUESTS[1:], TEMPLATES, cfg, fingerprint="fp", cache_dir=tmp_path)
+    assert (hits1, hits2) == (0, 2)
+    assert torch.equal(t1.ffn[1:], t2.ffn) and torch.equal(t1.attn[1:], t2.attn)
+    assert t2.diagnostics[0].steps == t1.diagnostics[1].steps
+    # another config field the optimisation reads, or another model: no hit
+    _, hits3 = cached_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg.replace(v_lr=0.3), fingerprint="fp",
+                              cache_dir=tmp_path)
+    _, hits4 = cached_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg, fingerprint="fp2", cache_dir=tmp_path)
+    assert hits3 == hits4 == 0
+    # the batch layout is not part of the key
+    _, hits5 = cached_targets(model, tok, lay, REQUESTS, TEMPLATES, cfg.replace(v_batch_size=1), fingerprint="fp",
+                              cache_dir=tmp_path)
+    assert hits5 == 3
+
+
+def test_sequential_batches_patch_is_exact():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = apply_method("pmet", model, tok, REQUESTS, cfg_for(), sequential_batches=2,
+                       c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES, progress=False)
+    assert len(res.requests) == 3 and res.targets.ffn.shape[0] == 3
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
+    res.revert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    res.apply(model)
+    assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
+    # two batches differ from one batch of all three
+    res.revert(model)
+    edit(model, tok, REQUESTS, cfg_for(), c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES, progress=False)
+    assert any(not torch.equal(edited[k], v) for k, v in model.state_dict().items())
+
+
+def test_method_presets():
+    memit, rome, ft = (load_config("smollm2-135m", method=m) for m in ("memit", "rome", "ft"))
+    assert (memit.target_site, memit.spread, memit.stop_rule, memit.attn_delta) == ("layer_output", "even", "loss",
+                                                                                     False)
+    assert len(rome.layers) == 1 and rome.stop_rule == "loss" and not rome.attn_delta and rome.clamp_norm_factor == 4
+    assert len(ft.layers) == 1
+    assert load_config("gpt-j-6b", method="memit").mom2_update_weight == 15000
+
+
+def test_markdown_table_puts_unedited_first():
+    summary = {"dataset": "counterfact", "method": "pmet", "model": "m", "n": 2,
+               "metrics": {"efficacy": {"mean": 0.9, "ci95": 0.05}, "consistency": {"mean": None, "ci95": None},
+                           "fluency": {"mean": 600.0, "ci95": 3.0}},
+               "unedited": {"metrics": {"efficacy": {"mean": 0.2, "ci95": 0.1}, "fluency": {"mean": 610.0,
+                                                                                             "ci95": 2.0}}}}
+    lines = markdown_table([summary]).splitlines()
+    assert lines[0] == "| method | Efficacy | Fluency |"  # consistency not available anywhere: left out
+    assert lines[2] == "| unedited | 20.0 ± 10.0 | 610.0 ± 2.0 |"
+    assert lines[3] == "| pmet | 90.0 ± 5.0 | 600.0 ± 3.0 |"
+
+
+def test_causal_trace_restoring_everything_recovers_the_clean_run():
+    from pmet import causal_trace as ct
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt, subject = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"
+    ids, b, e = ct.subject_token_range(tok, prompt, subject)
+    assert tok.decode(ids[b:e]).strip() == subject
+    tr = ct.trace_fact(model, tok, prompt, subject, noise=0.5, samples=3, window=4, batch_size=16)
+    n = layout_of(model).n_layers
+    assert tr.scores["hidden"].shape == (len(ids), n)
+    # restoring the last token's output of the last layer gives back the clean prediction exactly
+    assert tr.scores["hidden"][-1, -1] == pytest.approx(tr.clean, rel=1e-5)
+    # tokens before the subject are not corrupted: restoring them changes nothing
+    assert np.allclose(tr.scores["hidden"][:b], tr.corrupted, atol=1e-6)
+    grouped = tr.grouped("ffn")
+    assert grouped.shape == (6, n)
+    mean = {"ffn": np.zeros((6, 6))}
+    mean["ffn"][2] = [0, 1, 5, 5, 1, 0]
+    assert ct.suggest_layers(mean, 2) == [2, 3]
