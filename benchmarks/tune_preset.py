@@ -1,0 +1,71 @@
+"""Dev-slice sweep for a model's preset: λ, clamp and critical layers, scored by CounterFact Score.
+
+    python benchmarks/tune_preset.py --model smollm2-135m --records 30 --layers 3-7 --layers 2-6 \
+        --lambdas 500,2000,6000,15000 --clamps 3.0,0.75
+
+Records: the first N dev-slice records of EasyEdit's counterfact-train.json (docs/EVALUATION.md "Slices"; never
+test-slice records). All N requests are edited as one batch per setting, evaluated without generation
+(efficacy, generalization, specificity, Score), and reverted. Target vectors are cached, so settings that share
+L, clamp and the optimisation values (every λ, every layer range with the same L) optimise once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pmet.config import load_config  # noqa: E402
+from pmet.evaluation.data import load_eval_records  # noqa: E402
+from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  # noqa: E402
+from pmet.methods import apply_method  # noqa: E402
+from pmet.models import load_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--config", default=None, help="preset (default: the model's)")
+    ap.add_argument("--data", default="../shared/data/counterfact_easyedit/counterfact-train.json")
+    ap.add_argument("--corpus", default="../shared/data/wikitext/wikitext-2-raw/wiki.valid.raw")
+    ap.add_argument("--records", type=int, default=30)
+    ap.add_argument("--layers", action="append", default=None, help="a range like 3-7 (repeatable)")
+    ap.add_argument("--lambdas", default="500,2000,6000,15000")
+    ap.add_argument("--clamps", default=None, help="comma-separated clamp_norm_factor values (default: preset's)")
+    ap.add_argument("--method", default="pmet")
+    args = ap.parse_args()
+
+    lm = load_model(args.model)
+    preset = args.config or lm.preset
+    base = load_config(preset, method=args.method)
+    recs = load_eval_records(args.data, "counterfact", n=args.records, slice_="dev")
+    opts = EvalOptions(generation=False)
+    before = evaluate_records(lm.model, lm.tok, recs, opts)
+    s0 = summarize(before)
+    print(f"{len(recs)} dev records (case ids {recs[0].case_id}..{recs[-1].case_id}); unedited: "
+          f"Score {100 * s0['score']['mean']:.1f}, efficacy {100 * s0['efficacy']['mean']:.1f}")
+    ranges = [list(range(int(a), int(b) + 1)) for a, b in (r.split("-") for r in (args.layers or []))] \
+        or [base.layers]
+    clamps = [float(c) for c in args.clamps.split(",")] if args.clamps else [base.clamp_norm_factor]
+    print("| layers | clamp | λ | Score | efficacy | generalization | specificity | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for layers in ranges:
+        for clamp in clamps:
+            for lam in (float(x) for x in args.lambdas.split(",")):
+                cfg = base.replace(layers=layers, clamp_norm_factor=clamp, mom2_update_weight=lam)
+                t = time.perf_counter()
+                res = apply_method(args.method, lm.model, lm.tok, [r.request for r in recs], cfg,
+                                   corpus=args.corpus, progress=False, target_cache=True)
+                try:
+                    s = summarize(evaluate_records(lm.model, lm.tok, recs, opts, reference=before))
+                finally:
+                    res.revert(lm.model)
+                print(f"| {layers[0]}-{layers[-1]} | {clamp} | {lam:g} | {100 * s['score']['mean']:.1f} | "
+                      f"{100 * s['efficacy']['mean']:.1f} | {100 * s['generalization']['mean']:.1f} | "
+                      f"{100 * s['specificity']['mean']:.1f} | {time.perf_counter() - t:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
