@@ -82,9 +82,13 @@ def cached_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout:
     if cfg.attn_delta and cfg.target_site == "components":
         found = [f if f is None or f[1] is not None else None for f in found]
     missing = [i for i, f in enumerate(found) if f is None]
-    if missing:
-        fresh = compute_targets(model, tok, layout, [requests[i] for i in missing], templates, cfg, progress=progress)
-        for j, i in enumerate(missing):
+    # one optimisation batch at a time, each saved as soon as it is done (an interrupted run keeps its work)
+    batches = [missing[i : i + cfg.v_batch_size] for i in range(0, len(missing), cfg.v_batch_size)]
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(batches, desc="targets", unit="batch", disable=not progress):
+        fresh = compute_targets(model, tok, layout, [requests[i] for i in batch], templates, cfg)
+        for j, i in enumerate(batch):
             attn = fresh.attn[j] if fresh.attn is not None else None
             found[i] = (fresh.ffn[j].cpu(), attn.cpu() if attn is not None else None, fresh.diagnostics[j])
             _save(paths[i], *found[i])
