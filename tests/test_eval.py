@@ -241,3 +241,31 @@ def test_causal_trace_restoring_everything_recovers_the_clean_run():
     mean = {"ffn": np.zeros((6, 6))}
     mean["ffn"][2] = [0, 1, 5, 5, 1, 0]
     assert ct.suggest_layers(mean, 2) == [2, 3]
+
+
+def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pmet.evaluation import run as R
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lm = SimpleNamespace(model=model, tok=tok, name="tiny-llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    real = R.evaluate_records
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "evaluate_records", counting)
+    kw = dict(opts=EvalOptions(generation_length=12), cache_dir=tmp_path / "cache", progress=False,
+              c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES)
+    s1 = R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "a", **kw)
+    s2 = R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "b", **kw)
+    assert calls == ["unedited", "edited", "edited"]  # the second run reads the unedited results from the cache
+    assert s1["unedited"] == s2["unedited"] and s1["metrics"]["efficacy"] == s2["metrics"]["efficacy"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # reverted
+    assert s1["metrics"]["consistency"]["mean"] is None and s1["metrics"]["fluency"]["n"] == 2
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["margins.png", "metrics.png", "records.jsonl",
+                                                                   "summary.json", "summary.md"]

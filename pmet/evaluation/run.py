@@ -12,6 +12,7 @@ Outputs in `out_dir` (each written atomically, and only after everything succeed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -38,6 +39,30 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, references: ReferenceTexts | None,
+                      cache_dir: str | os.PathLike | None, progress: bool) -> list[dict[str, Any]]:
+    """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
+    (every run of a comparison evaluates the same unedited model on the same records)."""
+    from ..models import cache_root, fingerprint
+
+    key = hashlib.blake2b(json.dumps({
+        "fingerprint": fingerprint(lm.model), "records": [[r.case_id, r.request.to_dict(), r.locality_answers]
+                                                          for r in records],
+        "options": asdict(opts), "dtype": str(next(lm.model.parameters()).dtype),
+    }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
+    path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable: recompute
+    results = evaluate_records(lm.model, lm.tok, records, opts, references=references, progress=progress,
+                               desc="unedited")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results)))
+    return results
+
+
 def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig, out_dir: str | Path, *,
              label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
@@ -52,8 +77,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    before = evaluate_records(lm.model, lm.tok, records, opts, references=references, progress=progress,
-                              desc="unedited")
+    before = _unedited_results(lm, records, opts, references, cache_dir, progress)
     timings["eval_unedited"] = time.perf_counter() - t
 
     t = time.perf_counter()
