@@ -63,6 +63,16 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     return results
 
 
+def _diagnostics(result: Any) -> dict[str, float]:
+    """Means over requests of what the target optimisation reached (empty for FT-W, which has no targets)."""
+    diags = [d for d in result.targets.diagnostics if d.init_m_norm > 0]
+    if not diags:
+        return {}
+    n = len(diags)
+    return {"prob": sum(d.prob for d in diags) / n, "steps": sum(d.steps for d in diags) / n,
+            "delta_m_over_init": sum(d.delta_m_norm / d.init_m_norm for d in diags) / n}
+
+
 def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig, out_dir: str | Path, *,
              label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
@@ -107,7 +117,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         "method": label or method, "base_method": method, "model": lm.name, "dataset": records[0].dataset,
         "data_format": records[0].data_format, "n": len(records), "sequential_batches": sequential_batches,
         "metrics": metrics_after, "unedited": {"metrics": metrics_before}, "timings": timings,
-        "delta_norms": result.delta_norms(), "target_stops": stops,
+        "delta_norms": result.delta_norms(), "target_stops": stops, "target_diagnostics": _diagnostics(result),
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
         **(extra or {}),
     }
