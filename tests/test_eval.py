@@ -13,7 +13,7 @@ from pmet.baselines.ft import edit_ft
 from pmet.baselines.rome import edit_rome, rank_one_delta
 from pmet.config import PMETConfig, load_config
 from pmet.editor import edit
-from pmet.errors import RequestError
+from pmet.errors import ConfigError, RequestError
 from pmet.evaluation import metrics as M
 from pmet.evaluation.data import EvalRecord, in_dev_slice, load_eval_records
 from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize
@@ -208,6 +208,15 @@ def test_method_presets():
     assert len(rome.layers) == 1 and rome.stop_rule == "loss" and not rome.attn_delta and rome.clamp_norm_factor == 4
     assert len(ft.layers) == 1
     assert load_config("gpt-j-6b", method="memit").mom2_update_weight == 15000
+
+
+@pytest.mark.parametrize("method", ["rome", "ft"])
+def test_single_layer_baselines_refuse_several_layers(method):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = cfg_for(layers=[1, 2])
+    with pytest.raises(ConfigError, match=f"'layers': {method} edits one layer.*methods.{method}.layers"):
+        apply_method(method, model, tok, REQUESTS[:1], cfg, c0=identity_c0(model, [1, 2]),
+                     context_templates=TEMPLATES)
 
 
 def test_markdown_table_puts_unedited_first():

@@ -6,6 +6,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..arch import get_weight
+from ..config import PMETConfig
+from ..errors import ConfigError
 from ..update import LayerUpdate
 
 
@@ -18,3 +20,11 @@ def finish_sequential(model: PreTrainedModel, name: str, layer: int, original: t
         delta = (W.detach().double().cpu() - original.double()).to(W.dtype)
         W.copy_(original.to(W.device) + delta.to(W.device))
     return LayerUpdate(f"{name}.weight", layer, component, delta.float(), residual_norm)
+
+
+def single_layer(config: PMETConfig, method: str) -> int:
+    """The one layer a single-layer baseline (`method` = "rome" or "ft") edits; a clear error if there are more."""
+    if len(config.layers) != 1:
+        raise ConfigError(f"config field 'layers': {method} edits one layer, got {config.layers} "
+                          f"(set methods.{method}.layers in the preset)")
+    return config.layers[0]

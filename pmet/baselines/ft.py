@@ -19,13 +19,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..arch import get_weight, layout_of
 from ..config import PMETConfig
-from ..errors import ConfigError
 from ..models import fingerprint as model_fingerprint
 from ..patch import EditResult
 from ..prompts import target_ids
 from ..requests import EditRequest
 from ..targets import TargetDiagnostics, Targets
-from .common import finish_sequential
+from .common import finish_sequential, single_layer
 
 STOP_LOSS = 1e-2
 
@@ -40,11 +39,8 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
             *, model_name: str = "", progress: bool = True, fingerprint: str | None = None, **_: object
             ) -> EditResult:
     """Fine-tune for `requests` one after another (in place); returns the summed change as one EditResult."""
-    if len(config.layers) != 1:
-        raise ConfigError(f"config field 'layers': FT-W tunes one layer, got {config.layers} "
-                          "(set methods.ft.layers in the preset)")
     layout = layout_of(model)
-    l = config.layers[0]
+    l = single_layer(config, "ft")
     fp = fingerprint or model_fingerprint(model)
     name = layout.edited_module(l, "ffn")
     W = get_weight(model, name)

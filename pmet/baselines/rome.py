@@ -22,12 +22,11 @@ from ..arch import as_linear, get_weight, layout_of
 from ..config import PMETConfig
 from ..context import ContextTemplates
 from ..editor import prepare
-from ..errors import ConfigError
 from ..keys import Site, average_two_stage, key_rows, read_at_subject
 from ..patch import EditResult
 from ..requests import EditRequest
 from ..targets import Targets, compute_targets
-from .common import finish_sequential
+from .common import finish_sequential, single_layer
 
 
 def rank_one_delta(v: torch.Tensor, current: torch.Tensor, k: torch.Tensor, C0: torch.Tensor) -> torch.Tensor:
@@ -53,11 +52,8 @@ def edit_rome(
     fingerprint: str | None = None,
 ) -> EditResult:
     """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult."""
-    if len(config.layers) != 1:
-        raise ConfigError(f"config field 'layers': ROME edits one layer, got {config.layers} "
-                          "(set methods.rome.layers in the preset)")
     layout = layout_of(model)
-    l = config.layers[0]
+    l = single_layer(config, "rome")
     prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
                    cache_dir=cache_dir, progress=progress, fingerprint=fingerprint)
     name = layout.edited_module(l, "ffn")

@@ -40,13 +40,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, references: ReferenceTexts | None,
-                      cache_dir: str | os.PathLike | None, progress: bool) -> list[dict[str, Any]]:
+                      cache_dir: str | os.PathLike | None, progress: bool, fp: str) -> list[dict[str, Any]]:
     """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
     (every run of a comparison evaluates the same unedited model on the same records)."""
-    from ..models import cache_root, fingerprint
+    from ..models import cache_root
 
     key = hashlib.blake2b(json.dumps({
-        "fingerprint": fingerprint(lm.model), "records": [[r.case_id, r.request.to_dict(), r.locality_answers]
+        "fingerprint": fp, "records": [[r.case_id, r.request.to_dict(), r.locality_answers]
                                                           for r in records],
         "options": asdict(opts), "dtype": str(next(lm.model.parameters()).dtype),
     }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
@@ -86,15 +86,18 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         if opts.attribute_snippets and opts.tfidf_dir else None
     timings: dict[str, float] = {}
 
+    from ..models import fingerprint
+
     t = time.perf_counter()
-    before = _unedited_results(lm, records, opts, references, cache_dir, progress)
+    fp = fingerprint(lm.model)  # of the unedited model: keys the unedited results and every cache of the edit
+    before = _unedited_results(lm, records, opts, references, cache_dir, progress, fp)
     timings["eval_unedited"] = time.perf_counter() - t
 
     t = time.perf_counter()
     result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
                           sequential_batches=sequential_batches, c0=c0, context_templates=context_templates,
                           corpus=corpus, cache_dir=cache_dir, model_name=lm.name, progress=progress,
-                          target_cache=target_cache)
+                          fingerprint=fp, target_cache=target_cache)
     timings["edit_total"] = time.perf_counter() - t
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     try:
