@@ -3,7 +3,9 @@
     python benchmarks/make_results.py RUNS_DIR
 
 prints, for each (model, dataset, edits) group of runs, the Markdown results table (unedited model first), then
-one table of stage timings and one of Δ norms per edited matrix. Every number comes from a summary.json.
+one table of stage timings, one of Δ norms per edited matrix and one of paired differences against PMET (same
+records, so the per-record differences give much tighter intervals than the two means' own), then a summary
+of each causal trace (trace-*/trace.json from `pmet trace`). Every number comes from a summary.json or a trace.json.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pmet.evaluation.metrics import mean_ci95  # noqa: E402
 from pmet.evaluation.report import markdown_table  # noqa: E402
 
 ORDER = ["ft", "rome", "memit", "pmet", "pmet+no-attn-delta", "pmet+update-attn", "pmet+even-spread"]
@@ -29,7 +32,12 @@ def main(runs: Path) -> None:
     for (model, dataset, n), runs_ in groups.items():
         runs_.sort(key=lambda s: ORDER.index(s["method"]) if s["method"] in ORDER else len(ORDER))
         print(f"### {model}, {dataset}, {n} edits\n")
-        print(markdown_table(runs_) + "\n")
+        methods = [r for r in runs_ if "+" not in r["method"]]
+        ablations = [r for r in runs_ if r["method"] == "pmet" or "+" in r["method"]]
+        print(markdown_table(methods) + "\n")
+        if len(ablations) > 1:  # Table-3-like: PMET and its ablations
+            print(f"Ablations (Table 3), {model}, {dataset}, {n} edits:\n")
+            print(markdown_table(ablations) + "\n")
         print("| method | " + " | ".join(s.removeprefix("edit_") for s in STAGES) + " | target stops |")
         print("| --- |" + " --- |" * (len(STAGES) + 1))
         for s in runs_:
@@ -45,6 +53,66 @@ def main(runs: Path) -> None:
                               for w, v in s["delta_norms"].items())
             print(f"| {s['method']} | {norms} |")
         print()
+        paired(runs, runs_)
+    for path in sorted(runs.glob("trace-*/trace.json")):
+        trace(json.loads(path.read_text()), path.parent.name)
+
+
+PAIRED = ["efficacy", "generalization", "specificity", "efficacy_magnitude"]
+
+
+def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
+    """case id -> the record's mean of each paired metric on the edited model (records.jsonl)."""
+    out = {}
+    for line in (run_dir / "records.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        m = r["edited"]["metrics"]
+        out[r["case_id"]] = {k: sum(m[k]) / len(m[k]) for k in PAIRED if m.get(k)}
+    return out
+
+
+def paired(runs: Path, runs_: list[dict]) -> None:
+    """Mean per-record difference (method − PMET) with a 95% interval, for every other run of the group."""
+    base = next((s for s in runs_ if s["method"] == "pmet"), None)
+    if base is None or len(runs_) < 2:
+        return
+    ref = _per_record(runs / base["_run"])
+    print("Paired differences against PMET on the same records (method − PMET, ×100, 95% interval):\n")
+    print("| method | " + " | ".join(PAIRED) + " |")
+    print("| --- |" + " --- |" * len(PAIRED))
+    for s in runs_:
+        if s is base:
+            continue
+        other = _per_record(runs / s["_run"])
+        cells = []
+        for k in PAIRED:
+            d = [other[c][k] - ref[c][k] for c in ref if c in other and k in other[c] and k in ref[c]]
+            if not d:
+                cells.append("–")
+                continue
+            m, h = mean_ci95(d)
+            cells.append(f"{100 * m:+.1f} ± {100 * h:.1f}")
+        print(f"| {s['method']} | " + " | ".join(cells) + " |")
+    print()
+
+
+def trace(t: dict, name: str) -> None:
+    """Where each kind of restored state has its largest average indirect effect (AIE), per token group."""
+    print(f"### Causal trace {name}: {t['model']}, {t['n_facts']} known facts, {t['samples']} noise samples, "
+          f"window {t['window']}\n")
+    print(f"Suggested critical layers: {t['suggested_layers'][0]}-{t['suggested_layers'][-1]}\n"
+          if t.get("suggested_layers") else "")
+    print("| restored | token group | peak layer | peak AIE | AIE by layer |")
+    print("| --- | --- | --- | --- | --- |")
+    for kind, rows in t["average_indirect_effect"].items():
+        for group, curve in zip(t["groups"], rows, strict=True):
+            if group not in ("last subject token", "last token"):
+                continue
+            vals = [v if v == v else float("-inf") for v in curve]  # NaN (no such token) sorts last
+            peak = max(range(len(vals)), key=vals.__getitem__)
+            print(f"| {kind} | {group} | {peak} | {curve[peak]:.3f} | "
+                  + " ".join(f"{v:.2f}" for v in curve) + " |")
+    print()
 
 
 if __name__ == "__main__":
