@@ -27,7 +27,7 @@ for g in $GROUPS_; do
         run "smollm2-cf$N-pmet+$a" --model smollm2-135m --method pmet --ablation $a --data "$CF"; done ;;
     no-attn-delta)
       run "smollm2-cf$N-pmet+no-attn-delta" --model smollm2-135m --method pmet --ablation no-attn-delta --data "$CF" ;;
-    trace)  # 20 known facts, 5 noise samples (ROME: 10) to keep it within minutes on CPU
+    trace)  # 20 known facts, 5 noise samples (ROME: 10): over an hour on a 2-core CPU (unfinished after 42 min)
       [ -f "$OUT/trace-smollm2/trace.json" ] || pmet trace --model smollm2-135m --facts "$DATA/rome/known_1000.json" \
         --n 20 --samples 5 --out "$OUT/trace-smollm2" -q ;;
     zsre)
