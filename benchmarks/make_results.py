@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pmet.evaluation.metrics import mean_ci95  # noqa: E402
+from pmet.evaluation.metrics import mean_ci95, record_means  # noqa: E402
 from pmet.evaluation.report import markdown_table  # noqa: E402
 
 ORDER = ["ft", "rome", "memit", "pmet", "pmet+no-attn-delta", "pmet+update-attn", "pmet+even-spread"]
@@ -66,8 +66,8 @@ def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
     out = {}
     for line in (run_dir / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
-        m = r["edited"]["metrics"]
-        out[r["case_id"]] = {k: sum(m[k]) / len(m[k]) for k in PAIRED if m.get(k)}
+        means = record_means(r["edited"]["metrics"], name=f"{run_dir.name} case {r['case_id']}")
+        out[r["case_id"]] = {k: v for k, v in means.items() if k in PAIRED}
     return out
 
 

@@ -261,6 +261,16 @@ def mean_ci95(values: Sequence[float] | Tensor | np.ndarray) -> tuple[float, flo
     return float(x.mean()), float(1.96 * x.std() / math.sqrt(x.size))
 
 
+def record_means(record: Mapping[str, Sequence[bool | float]], name: str = "record") -> dict[str, float]:
+    """A record's value for each metric: the mean of its per-prompt values (ROME/MEMIT `summarize.py`)."""
+    out = {}
+    for key, vals in record.items():
+        if len(vals) == 0:
+            raise ValueError(f"{name} has no values for {key!r}")
+        out[key] = float(np.mean(np.asarray(vals, dtype=np.float64)))
+    return out
+
+
 def aggregate_records(per_record: Sequence[Mapping[str, Sequence[bool | float]]]) -> dict[str, dict[str, float]]:
     """CounterFact/zsRE aggregation (ROME/MEMIT `summarize.py`): each record's value for a metric is the mean of its
     per-prompt values (efficacy: its rewrite prompt; generalisation: its paraphrases; specificity: its neighbourhood
@@ -270,10 +280,8 @@ def aggregate_records(per_record: Sequence[Mapping[str, Sequence[bool | float]]]
     fractions; the papers report them ×100."""
     per_metric: dict[str, list[float]] = {}
     for i, record in enumerate(per_record):
-        for key, vals in record.items():
-            if len(vals) == 0:
-                raise ValueError(f"record {i} has no values for {key!r}")
-            per_metric.setdefault(key, []).append(float(np.mean(np.asarray(vals, dtype=np.float64))))
+        for key, value in record_means(record, name=f"record {i}").items():
+            per_metric.setdefault(key, []).append(value)
     out: dict[str, dict[str, float]] = {}
     for key, means in per_metric.items():
         mean, ci = mean_ci95(means)
