@@ -53,6 +53,15 @@ def main(runs: Path) -> None:
                               for w, v in s["delta_norms"].items())
             print(f"| {s['method']} | {norms} |")
         print()
+        checked = [s for s in runs_ if s.get("stream_check")]
+        if checked:  # pmet.update.StreamCheck: the layer-L residual stream's realised vs intended move
+            print("| method | ‖intended‖ | ‖realised‖ | ratio | cosine |")
+            print("| --- | --- | --- | --- | --- |")
+            for s in checked:
+                c = s["stream_check"]
+                print(f"| {s['method']} | {c['intended_norm']:.2f} | {c['realised_norm']:.2f} | {c['ratio']:.2f} "
+                      f"| {c['cosine']:.2f} |")
+            print()
         paired(runs, runs_)
     for path in sorted(runs.glob("trace-*/trace.json")):
         trace(json.loads(path.read_text()), path.parent.name)

@@ -5,8 +5,9 @@
 
 Records: the first N dev-slice records of EasyEdit's counterfact-train.json (docs/EVALUATION.md "Slices"; never
 test-slice records). All N requests are edited as one batch per setting, evaluated without generation
-(efficacy, generalization, specificity, Score), and reverted. Target vectors are cached, so settings that share
-L, clamp and the optimisation values (every λ, every layer range with the same L) optimise once.
+(efficacy, generalization, specificity, Score), and reverted. "stream ratio"/"cos" compare the realised move of
+the layer-L residual stream with the intended one (pmet.update.StreamCheck). Target vectors are cached, so settings
+that share L, clamp and the optimisation values (every λ, every layer range with the same L) optimise once.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def main() -> None:
     ranges = [list(range(int(a), int(b) + 1)) for a, b in (r.split("-") for r in (args.layers or []))] \
         or [base.layers]
     clamps = [float(c) for c in args.clamps.split(",")] if args.clamps else [base.clamp_norm_factor]
-    print("| layers | clamp | λ | Score | efficacy | generalization | specificity | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| layers | clamp | λ | Score | efficacy | generalization | specificity | stream ratio | cos | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for layers in ranges:
         for clamp in clamps:
             for lam in (float(x) for x in args.lambdas.split(",")):
@@ -62,9 +63,11 @@ def main() -> None:
                     s = summarize(evaluate_records(lm.model, lm.tok, recs, opts, reference=before))
                 finally:
                     res.revert(lm.model)
+                sc = res.stream_check  # ‖realised‖/‖intended‖ move of the layer-L stream (pmet.update.StreamCheck)
                 print(f"| {layers[0]}-{layers[-1]} | {clamp} | {lam:g} | {100 * s['score']['mean']:.1f} | "
                       f"{100 * s['efficacy']['mean']:.1f} | {100 * s['generalization']['mean']:.1f} | "
-                      f"{100 * s['specificity']['mean']:.1f} | {time.perf_counter() - t:.0f} |", flush=True)
+                      f"{100 * s['specificity']['mean']:.1f} | {sc.get('ratio', float('nan')):.2f} | "
+                      f"{sc.get('cosine', float('nan')):.2f} | {time.perf_counter() - t:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def trace_fact(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str
                     sel = (lo <= j) & (j < hi) & (tok_of >= 0)
                     edits[sites[kind](j)] = _restore(sel, tok_of, clean_states[sites[kind](j)])
             with torch.no_grad(), Trace(model, edits=edits):
-                last = model(input_ids=ids_b, attention_mask=mask, use_cache=False).logits[:, -1].float()
+                # all rows have the same length: only the last position's logits are needed
+                last = model(input_ids=ids_b, attention_mask=mask, use_cache=False,
+                             logits_to_keep=1).logits[:, -1].float()
             p = last.softmax(-1)[:, answer].view(len(chunk), samples).mean(1)
             out.append(p.cpu())
         return torch.cat(out).numpy()

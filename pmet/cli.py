@@ -186,7 +186,7 @@ def edit(
         "model": model, "config": cfg.to_dict(),
         "timings": {"load": load_s, **result.timings, "measure": measure_s},
         "stats": result.stats, "context_templates": result.context_templates,
-        "delta_norms": result.delta_norms(), "requests": rows,
+        "delta_norms": result.delta_norms(), "stream_check": result.stream_check, "requests": rows,
     }
     if out is not None:
         path = result.save(out)

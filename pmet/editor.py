@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -144,7 +144,7 @@ def edit(
     originals = {n: get_weight(model, n.removesuffix(".weight")).detach().cpu().clone() for n in names}
     t = time.perf_counter()
     try:
-        updates = insert(model, tok, layout, requests, templates, targets, c0n, config,
+        updates, stream_check = insert(model, tok, layout, requests, templates, targets, c0n, config,
                          batch_size=max(8, config.v_batch_size))
     except BaseException:
         with torch.no_grad():  # never leave a half-edited model behind
@@ -155,5 +155,5 @@ def edit(
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=targets,
         context_templates=templates, fingerprint=prep.fingerprint, model_name=model_name, timings=timings,
-        stats=prep.stats,
+        stats=prep.stats, stream_check=asdict(stream_check),
     )

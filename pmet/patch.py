@@ -54,6 +54,7 @@ class EditResult:
     model_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    stream_check: dict[str, float] = field(default_factory=dict)  # pmet.update.StreamCheck (PMET/MEMIT only)
 
     @property
     def deltas(self) -> dict[str, torch.Tensor]:

@@ -6,6 +6,10 @@ For l in R, in increasing order, with the weights as updated so far (NOTES.md "W
     R_l  = R / sqrt(L − l + 1)   (PMET, Eq. 11)   or   R / (L − l + 1)   (MEMIT, even spread)
     Δ_l  = R_l K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹                   (Eq. 9), in float64 by a Cholesky solve
     W_l += Δ_l
+
+`StreamCheck` is a diagnostic, not part of the method: how much the residual stream at layer L (subject's last
+token, bare prompts) actually moved after all layers were updated, against the intended move Σ_c (V_c − value_c)
+(δm for PMET, δ for MEMIT). A ratio far above 1 means the layers' writes add up to more than the target asked.
 """
 
 from __future__ import annotations
@@ -44,6 +48,23 @@ def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) 
 
 
 @dataclass
+class StreamCheck:
+    """Means over requests of ‖intended‖, ‖realised‖ change of the layer-L residual stream, their ratio, cosine."""
+
+    intended_norm: float
+    realised_norm: float
+    ratio: float
+    cosine: float
+
+    @classmethod
+    def measure(cls, intended: torch.Tensor, realised: torch.Tensor) -> StreamCheck:
+        """intended, realised: (n, d)."""
+        ni, nr = intended.norm(dim=-1), realised.norm(dim=-1)
+        cos = torch.nn.functional.cosine_similarity(intended, realised, dim=-1)
+        return cls(float(ni.mean()), float(nr.mean()), float((nr / ni.clamp_min(1e-12)).mean()), float(cos.mean()))
+
+
+@dataclass
 class LayerUpdate:
     """One edited matrix: its weight name, Δ in the stored layout (float32), and norms for the report."""
 
@@ -65,8 +86,8 @@ def insert(
     cfg: PMETConfig,
     *,
     batch_size: int = 64,
-) -> list[LayerUpdate]:
-    """Apply Eq. 9/11 layer by layer to `model` in place; returns the applied updates."""
+) -> tuple[list[LayerUpdate], StreamCheck]:
+    """Apply Eq. 9/11 layer by layer to `model` in place; returns the applied updates and the StreamCheck."""
     L = cfg.L
     rows = key_rows(tok, requests, templates)
     n_t = len(flat(templates))
@@ -76,12 +97,20 @@ def insert(
         "ffn": Site(layout.ffn_out(L) if cfg.target_site == "components" else layout.layer(L), "out"),
         "attn": Site(layout.attn_out(L), "out"),
     }
+    stream = Site(layout.layer(L), "out")
+    bare_rows = [rows[int(i)] for i in bare]
+
+    def read_bare(sites: list[Site]) -> dict[Site, torch.Tensor]:
+        return read_at_subject(model, bare_rows, list(dict.fromkeys(sites)), pad_id=tok.pad_token_id,
+                               batch_size=batch_size, stop_after=stream.module)
+
+    before = read_bare([stream, *(value_site[c] for c in components)])
+    intended = sum(_stream_space(model, layout, cfg, c, _target(targets, c).to(before[stream].device))
+                   - _stream_space(model, layout, cfg, c, before[value_site[c]]) for c in components)
     updates: list[LayerUpdate] = []
     for l in cfg.layers:
         for comp in components:
-            V = targets.ffn if comp == "ffn" else targets.attn
-            if V is None:
-                raise ValueError("updating the attention output projection needs δa targets (attn_delta=True)")
+            V = _target(targets, comp)
             key_site = Site(layout.edited_module(l, comp), "in")
             got = read_at_subject(model, rows, [key_site, value_site[comp]], pad_id=tok.pad_token_id,
                                   batch_size=batch_size, stop_after=value_site[comp].module)
@@ -96,4 +125,24 @@ def insert(
                 W.add_(stored)
             updates.append(LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(),
                                        float(R.norm(dim=-1).mean())))
-    return updates
+    realised = read_bare([stream])[stream] - before[stream]
+    return updates, StreamCheck.measure(intended, realised)
+
+
+def _target(targets: Targets, comp: str) -> torch.Tensor:
+    V = targets.ffn if comp == "ffn" else targets.attn
+    if V is None:
+        raise ValueError("updating the attention output projection needs δa targets (attn_delta=True)")
+    return V
+
+
+def _stream_space(model: PreTrainedModel, layout: ModelLayout, cfg: PMETConfig, comp: str, v: torch.Tensor
+                  ) -> torch.Tensor:
+    """A component value at layer L as it enters the residual stream: through the post-norm where the
+    architecture has one (Gemma 3), as is otherwise (and for MEMIT's layer-output values)."""
+    if cfg.target_site != "components" or not layout.spec.post_norms:
+        return v
+    norm = layout.spec.post_norms[0 if comp == "attn" else 1]
+    module = model.get_submodule(f"{layout.layer(cfg.L)}.{norm}")
+    with torch.no_grad():
+        return module(v.to(next(module.parameters()).dtype)).float()

@@ -15,7 +15,7 @@ from pmet.keys import Site, average_two_stage, key_rows, read_at_subject
 from pmet.prompts import encode, target_ids
 from pmet.requests import make_request
 from pmet.targets import compute_targets
-from pmet.update import solve_delta, spread
+from pmet.update import StreamCheck, solve_delta, spread
 
 from .tiny import ARCHS, tiny_model, tiny_tokenizer
 
@@ -85,6 +85,15 @@ def test_solve_delta_matches_closed_form():
     torch.testing.assert_close(solve_delta(R, K, C0, lam), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_stream_check_hand_computed():
+    intended = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    realised = torch.tensor([[6.0, 8.0], [0.0, 1.0]])
+    sc = StreamCheck.measure(intended, realised)
+    assert (sc.intended_norm, sc.realised_norm) == pytest.approx((3.0, 5.5))
+    assert sc.ratio == pytest.approx((2.0 + 1.0) / 2)
+    assert sc.cosine == pytest.approx((1.0 + 0.0) / 2)
+
+
 def test_spread_rule():
     assert spread(8, 3, "sqrt") == pytest.approx(math.sqrt(6))
     assert spread(8, 3, "even") == 6.0
@@ -133,6 +142,9 @@ def test_edit_writes_values_single_layer(arch):
     rows = key_rows(tok, REQUESTS, [["{}"]])
     now = read_at_subject(model, rows, [Site(lay.ffn_out(2), "out")], pad_id=tok.pad_token_id)
     torch.testing.assert_close(now[Site(lay.ffn_out(2), "out")], res.targets.ffn, rtol=1e-3, atol=1e-3)
+    # ... so the layer-L residual stream moved by exactly the intended δm (StreamCheck)
+    assert res.stream_check["ratio"] == pytest.approx(1.0, abs=1e-2)
+    assert res.stream_check["cosine"] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])

@@ -121,6 +121,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         "data_format": records[0].data_format, "n": len(records), "sequential_batches": sequential_batches,
         "metrics": metrics_after, "unedited": {"metrics": metrics_before}, "timings": timings,
         "delta_norms": result.delta_norms(), "target_stops": stops, "target_diagnostics": _diagnostics(result),
+        "stream_check": result.stream_check,
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
         **(extra or {}),
     }
