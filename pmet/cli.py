@@ -22,6 +22,7 @@ from rich.table import Table
 from .console import METHOD_HELP, MODEL_HELP, console, out_console
 from .console import fail as _fail
 from .errors import ConfigError, PmetError
+from .fileio import atomic_write
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
@@ -44,11 +45,7 @@ def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, 
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2), encoding="utf-8"))
 
 
 def _save_model_atomic(lm: Any, out: Path) -> None:
@@ -353,9 +350,9 @@ def trace(
                    "scores": {k: v.tolist() for k, v in t.scores.items()}} for t in traces],
     }
     _write_json_atomic(out / "trace.json", data)
-    ct.plot_grouped(mean, len(traces), model, str(out / "average_indirect_effect.png"))
+    atomic_write(out / "average_indirect_effect.png", lambda tmp: ct.plot_grouped(mean, len(traces), model, tmp))
     for i, t in enumerate(traces[:plot_facts]):
-        ct.plot_fact(t, str(out / f"fact_{i}.png"))
+        atomic_write(out / f"fact_{i}.png", lambda tmp, t=t: ct.plot_fact(t, tmp))
     out_console.print(f"traced {len(traces)} facts the model knows (of {len(raw)}); noise {noise:.3g}")
     if suggested is not None:
         out_console.print(f"suggested critical layers (max FFN effect at the last subject token, span {span}): "

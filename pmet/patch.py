@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel
 from .arch import get_weight
 from .config import PMETConfig, from_dict
 from .errors import PatchError
+from .fileio import atomic_write
 from .models import fingerprint as model_fingerprint
 from .requests import EditRequest, parse_record
 from .targets import TargetDiagnostics, Targets
@@ -123,16 +123,7 @@ class EditResult:
         tensors["target::ffn"] = self.targets.ffn.cpu().contiguous()
         if self.targets.attn is not None:
             tensors["target::attn"] = self.targets.attn.cpu().contiguous()
-        path = out / PATCH_FILE
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(out / PATCH_FILE, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditResult:

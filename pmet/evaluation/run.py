@@ -15,28 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..config import PMETConfig
+from ..fileio import atomic_write
 from ..methods import apply_method
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, references: ReferenceTexts | None,
@@ -59,7 +48,7 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     results = evaluate_records(lm.model, lm.tok, records, opts, references=references, progress=progress,
                                desc="unedited")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results)))
     return results
 
 
@@ -133,9 +122,9 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
                 f.write(json.dumps({"case_id": rec.case_id, "request": rec.request.to_dict(),
                                     "unedited": b, "edited": a}) + "\n")
 
-    _atomic_write(out / "records.jsonl", write_records)
-    _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    _atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table([summary]) + "\n"))
-    _atomic_write(out / "metrics.png", lambda tmp: plot_metrics(summary, tmp))
-    _atomic_write(out / "margins.png", lambda tmp: plot_margins(records, before, after, summary["method"], tmp))
+    atomic_write(out / "records.jsonl", write_records)
+    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table([summary]) + "\n"))
+    atomic_write(out / "metrics.png", lambda tmp: plot_metrics(summary, tmp))
+    atomic_write(out / "margins.png", lambda tmp: plot_margins(records, before, after, summary["method"], tmp))
     return summary
