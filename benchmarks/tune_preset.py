@@ -1,7 +1,7 @@
 """Dev-slice sweep for a model's preset: λ, clamp and critical layers, scored by CounterFact Score.
 
     python benchmarks/tune_preset.py --model smollm2-135m --records 30 --layers 3-7 --layers 2-6 \
-        --lambdas 500,2000,6000,15000 --clamps 3.0,0.75
+        --lambdas 500,2000,6000,15000 --clamps 3.0,0.75 [--set residual=stream]
 
 Records: the first N dev-slice records of EasyEdit's counterfact-train.json (docs/EVALUATION.md "Slices"; never
 test-slice records). All N requests are edited as one batch per setting, evaluated without generation
@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmet.config import load_config  # noqa: E402
@@ -36,11 +38,14 @@ def main() -> None:
     ap.add_argument("--lambdas", default="500,2000,6000,15000")
     ap.add_argument("--clamps", default=None, help="comma-separated clamp_norm_factor values (default: preset's)")
     ap.add_argument("--method", default="pmet")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="config override for every setting, e.g. residual=stream (repeatable)")
     args = ap.parse_args()
 
     lm = load_model(args.model)
     preset = args.config or lm.preset
-    base = load_config(preset, method=args.method)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    base = load_config(preset, method=args.method, **overrides)
     recs = load_eval_records(args.data, "counterfact", n=args.records, slice_="dev")
     opts = EvalOptions(generation=False)
     before = evaluate_records(lm.model, lm.tok, recs, opts)

@@ -10,6 +10,9 @@ Method variants (the paper's ablations and the MEMIT baseline) are one option ea
 - `attn_delta`: False is the "w/o δa" ablation (only δm is optimised).
 - `update_modules`: ["ffn"] (PMET) or ["ffn", "attn"] (the "w/ W_O^MHSA" ablation).
 - `spread`: "sqrt" (PMET, Eq. 11) or "even" (MEMIT).
+- `residual`: "value" (the paper/reference: R = V − the current value at L's value site, recomputed per layer) or
+  "stream" (a deviation, not in the paper: R = the intended move of the layer-L residual stream minus the move
+  already made by the layers updated so far; identical to "value" for MEMIT). See docs/METHOD.md.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class PMETConfig:
     attn_delta: bool = True
     update_modules: list[str] = field(default_factory=lambda: ["ffn"])
     spread: str = "sqrt"
+    residual: str = "value"  # "value" (paper) | "stream" (deviation; module docstring)
     # FT-W baseline (ROME's constrained fine-tuning "FT-L"): Adam on one FFN output projection (layers[0])
     ft_num_steps: int = 25  # optimiser steps per edit
     ft_lr: float = 5e-4
@@ -95,6 +99,10 @@ class PMETConfig:
             raise bad("target_site", "must be 'components' (PMET) or 'layer_output' (MEMIT)")
         if self.spread not in ("sqrt", "even"):
             raise bad("spread", "must be 'sqrt' (PMET) or 'even' (MEMIT)")
+        if self.residual not in ("value", "stream"):
+            raise bad("residual", "must be 'value' (PMET, the paper) or 'stream' (deviation)")
+        if self.residual == "stream" and self.update_modules != ["ffn"]:
+            raise bad("residual", "'stream' spreads one stream residual and needs update_modules ['ffn']")
         if not self.update_modules or not set(self.update_modules) <= {"ffn", "attn"}:
             raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
         if self.target_site == "layer_output" and self.update_modules != ["ffn"]:
@@ -130,6 +138,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-attn-delta": {"attn_delta": False},
     "update-attn": {"update_modules": ["ffn", "attn"]},
     "even-spread": {"spread": "even"},
+    "stream-residual": {"residual": "stream"},  # not a Table-3 ablation: our deviation (docs/METHOD.md)
 }
 MEMIT_OVERRIDES: dict[str, Any] = {"target_site": "layer_output", "attn_delta": False, "spread": "even",
                                    "stop_rule": "loss"}

@@ -2,7 +2,9 @@
 
 For l in R, in increasing order, with the weights as updated so far (NOTES.md "Weight update"):
     K1   = keys at layer l (Eq. 12)                    (d_in, n)
-    R    = V1 − current value at layer L               (d, n)
+    R    = V1 − current value at layer L               (d, n)   (residual="value", the paper)
+         = Σ_c (V_c − value_c⁰) − (h^L − h^L⁰)              (residual="stream", a deviation: the intended move
+                                                             of the layer-L stream minus the move made so far)
     R_l  = R / sqrt(L − l + 1)   (PMET, Eq. 11)   or   R / (L − l + 1)   (MEMIT, even spread)
     Δ_l  = R_l K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹                   (Eq. 9), in float64 by a Cholesky solve
     W_l += Δ_l
@@ -23,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch import ModelLayout, as_linear, get_weight
 from .config import PMETConfig
 from .context import ContextTemplates, flat
+from .errors import ConfigError
 from .keys import Site, average_two_stage, key_rows, read_at_subject
 from .requests import EditRequest
 from .targets import Targets
@@ -98,6 +101,9 @@ def insert(
         "attn": Site(layout.attn_out(L), "out"),
     }
     stream = Site(layout.layer(L), "out")
+    if cfg.residual == "stream" and cfg.target_site == "components" and layout.spec.post_norms:
+        raise ConfigError("config field 'residual': 'stream' is not defined for architectures that normalise the "
+                          "FFN output before the residual add (Gemma 3); use 'value'")
     bare_rows = [rows[int(i)] for i in bare]
 
     def read_bare(sites: list[Site]) -> dict[Site, torch.Tensor]:
@@ -115,8 +121,12 @@ def insert(
             got = read_at_subject(model, rows, [key_site, value_site[comp]], pad_id=tok.pad_token_id,
                                   batch_size=batch_size, stop_after=value_site[comp].module)
             K = average_two_stage(got[key_site], templates)  # (n, d_in)
-            current = got[value_site[comp]][bare.to(got[value_site[comp]].device)]  # (n, d)
-            R = (V.to(current.device) - current) / spread(L, l, cfg.spread)
+            if cfg.residual == "stream":
+                R = intended - (read_bare([stream])[stream] - before[stream])
+            else:
+                current = got[value_site[comp]][bare.to(got[value_site[comp]].device)]  # (n, d)
+                R = V.to(current.device) - current
+            R = R / spread(L, l, cfg.spread)
             delta = solve_delta(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
             W = get_weight(model, name)

@@ -85,6 +85,24 @@ def test_solve_delta_matches_closed_form():
     torch.testing.assert_close(solve_delta(R, K, C0, lam), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_stream_residual(arch):
+    """residual='stream': the first layer solves for (intended stream move)/sqrt(L−l+1); for MEMIT, whose value
+    is the stream itself, it is the same update as the paper's residual."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    c0 = identity_c0(model, [1, 2])
+    res = edit(model, tok, REQUESTS, cfg_for(residual="stream"), c0=c0, context_templates=TEMPLATES, progress=False)
+    assert res.updates[0].residual_norm == pytest.approx(res.stream_check["intended_norm"] / math.sqrt(2), rel=1e-4)
+    res.revert(model)
+    memit = {"target_site": "layer_output", "attn_delta": False, "spread": "even"}
+    by_value = edit(model, tok, REQUESTS, cfg_for(**memit), c0=c0, context_templates=TEMPLATES, progress=False)
+    by_value.revert(model)
+    by_stream = edit(model, tok, REQUESTS, cfg_for(**memit, residual="stream"), c0=c0, context_templates=TEMPLATES,
+                     progress=False)
+    for a, b in zip(by_value.updates, by_stream.updates, strict=True):
+        torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-6)
+
+
 def test_stream_check_hand_computed():
     intended = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     realised = torch.tensor([[6.0, 8.0], [0.0, 1.0]])

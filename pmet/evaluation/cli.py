@@ -18,7 +18,8 @@ def eval_command(
                               "KnowEdit zsRE (e.g. ../shared/data/counterfact_rome_subsets/...)."),
     edits: int | None = typer.Option(None, "--edits", "-n", help="Number of records (edits); default: all."),
     slice_: str = typer.Option("test", "--slice", help="dev, test or all (docs/EVALUATION.md: fixed by case id)."),
-    ablation: str | None = typer.Option(None, help="no-attn-delta | update-attn | even-spread (Table 3)."),
+    ablation: str | None = typer.Option(
+        None, help="no-attn-delta | update-attn | even-spread (Table 3); stream-residual (ours, docs/METHOD.md)."),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
     sequential_batches: int | None = typer.Option(None, help="Apply the N edits as consecutive batches of K."),
     out: Path = typer.Option(..., "--out", help="Output folder (records.jsonl, summary.json/.md, PNGs)."),
