@@ -54,10 +54,10 @@ def wiki_corpus(data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_c0(smol, wiki_corpus):
-    """C0 of the SmolLM2 preset's layers from 20k WikiText tokens (cached in $PMET_CACHE_DIR)."""
-    from pmet.config import load_config
+    """C0 of every layer the SmolLM2 preset edits, any method, from 20k WikiText tokens (cached in $PMET_CACHE_DIR)."""
+    from pmet.config import METHODS, load_config
     from pmet.stats import get_c0
 
-    cfg = load_config("smollm2-135m")
-    c0, _ = get_c0(smol.model, smol.tok, cfg.layers, str(wiki_corpus), STATS_TOKENS, progress=False)
+    layers = sorted({l for m in METHODS for l in load_config("smollm2-135m", method=m).layers})
+    c0, _ = get_c0(smol.model, smol.tok, layers, str(wiki_corpus), STATS_TOKENS, progress=False)
     return c0
