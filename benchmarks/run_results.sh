@@ -2,7 +2,8 @@
 # Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
 # `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
 # OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations zsre
-# trace no-attn-delta gemma (default: all, in that order; the shared ablations reuse PMET's cached targets). Each run evaluates the unedited model first, edits, evaluates again.
+# trace no-attn-delta gemma (default: all, in that order; the shared ablations, and our stream-residual deviation,
+# reuse PMET's cached targets). Each run evaluates the unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
 set -euo pipefail
@@ -23,13 +24,13 @@ for g in $GROUPS_; do
     smollm2)
       for m in pmet memit rome ft; do run "smollm2-cf$N-$m" --model smollm2-135m --method $m --data "$CF"; done ;;
     shared-ablations)
-      for a in even-spread update-attn; do
+      for a in even-spread update-attn stream-residual; do
         run "smollm2-cf$N-pmet+$a" --model smollm2-135m --method pmet --ablation $a --data "$CF"; done ;;
     no-attn-delta)
       run "smollm2-cf$N-pmet+no-attn-delta" --model smollm2-135m --method pmet --ablation no-attn-delta --data "$CF" ;;
-    trace)  # 20 known facts, 5 noise samples (ROME: 10): over an hour on a 2-core CPU (unfinished after 42 min)
+    trace)  # 10 known facts, 3 noise samples (ROME: 1000 facts, 10 samples): 11.5 min on a 2-core CPU
       [ -f "$OUT/trace-smollm2/trace.json" ] || pmet trace --model smollm2-135m --facts "$DATA/rome/known_1000.json" \
-        --n 20 --samples 5 --out "$OUT/trace-smollm2" -q ;;
+        --n 10 --samples 3 --out "$OUT/trace-smollm2" -q ;;
     zsre)
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
     gemma)

@@ -114,7 +114,8 @@ def edit(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
     method: str = typer.Option("pmet", help=METHOD_HELP),
-    ablation: str | None = typer.Option(None, help="no-attn-delta | update-attn | even-spread (Table 3)."),
+    ablation: str | None = typer.Option(
+        None, help="no-attn-delta | update-attn | even-spread (Table 3); stream-residual (ours, docs/METHOD.md)."),
     report: Path | None = typer.Option(None, "--report", help="Write the before/after report JSON here."),
     out: Path | None = typer.Option(None, "--out", help="Write the patch (patch.safetensors) into this folder."),
     save_model: bool = typer.Option(False, "--save-model", help="With --out: also save the edited model there."),
