@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
 # `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
-# OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations zsre
+# OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations stream-tuned zsre
 # trace no-attn-delta gemma (default: all, in that order; the shared ablations, and our stream-residual deviation,
 # reuse PMET's cached targets). Each run evaluates the unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
@@ -31,6 +31,13 @@ for g in $GROUPS_; do
     trace)  # 10 known facts, 3 noise samples (ROME: 1000 facts, 10 samples): 11.5 min on a 2-core CPU
       [ -f "$OUT/trace-smollm2/trace.json" ] || pmet trace --model smollm2-135m --facts "$DATA/rome/known_1000.json" \
         --n 10 --samples 3 --out "$OUT/trace-smollm2" -q ;;
+    stream-tuned)  # our residual=stream deviation at its own dev-best values (docs/PRESETS.md): clamp 3.0, λ 5000
+      mkdir -p "$OUT"
+      sed -e 's/^clamp_norm_factor: .*/clamp_norm_factor: 3.0/' -e 's/^mom2_update_weight: .*/mom2_update_weight: 5000/' \
+        pmet/presets/smollm2-135m.yaml > "$OUT/pmet-stream-tuned.yaml"
+      echo "residual: stream" >> "$OUT/pmet-stream-tuned.yaml"
+      run "smollm2-cf$N-pmet+stream-residual-tuned" --model smollm2-135m --method pmet --data "$CF" \
+        --config "$OUT/pmet-stream-tuned.yaml" --label "pmet+stream-residual(tuned)" ;;
     zsre)
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
     gemma)
