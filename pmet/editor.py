@@ -145,7 +145,7 @@ def edit(
     t = time.perf_counter()
     try:
         updates, stream_check = insert(model, tok, layout, requests, templates, targets, c0n, config,
-                         batch_size=max(8, config.v_batch_size))
+                                       batch_size=max(8, config.v_batch_size))
     except BaseException:
         with torch.no_grad():  # never leave a half-edited model behind
             for n, w in originals.items():
