@@ -118,14 +118,15 @@ def insert(
         for comp in components:
             V = _target(targets, comp)
             key_site = Site(layout.edited_module(l, comp), "in")
-            got = read_at_subject(model, rows, [key_site, value_site[comp]], pad_id=tok.pad_token_id,
-                                  batch_size=batch_size, stop_after=value_site[comp].module)
+            # the residual's site: the value site (paper) or the layer-L stream (residual="stream"), read in the
+            # same pass as the keys
+            r_site = stream if cfg.residual == "stream" else value_site[comp]
+            got = read_at_subject(model, rows, [key_site, r_site], pad_id=tok.pad_token_id,
+                                  batch_size=batch_size, stop_after=r_site.module)
             K = average_two_stage(got[key_site], templates)  # (n, d_in)
-            if cfg.residual == "stream":
-                R = intended - (read_bare([stream])[stream] - before[stream])
-            else:
-                current = got[value_site[comp]][bare.to(got[value_site[comp]].device)]  # (n, d)
-                R = V.to(current.device) - current
+            current = got[r_site][bare.to(got[r_site].device)]  # (n, d)
+            R = (intended - (current - before[stream]) if cfg.residual == "stream"
+                 else V.to(current.device) - current)
             R = R / spread(L, l, cfg.spread)
             delta = solve_delta(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
