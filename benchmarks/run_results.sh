@@ -30,7 +30,10 @@ for g in $GROUPS_; do
       run "smollm2-cf$N-pmet+no-attn-delta" --model smollm2-135m --method pmet --ablation no-attn-delta --data "$CF" ;;
     trace)  # 10 known facts, 3 noise samples (ROME: 1000 facts, 10 samples): 11.5 min on a 2-core CPU
       [ -f "$OUT/trace-smollm2/trace.json" ] || pmet trace --model smollm2-135m --facts "$DATA/rome/known_1000.json" \
-        --n 10 --samples 3 --out "$OUT/trace-smollm2" -q ;;
+        --n 10 --samples 3 --out "$OUT/trace-smollm2" -q
+      # the same on Gemma-3-270M: 21 min (its known facts have longer prompts)
+      [ -f "$OUT/trace-gemma3/trace.json" ] || pmet trace --model gemma3-270m --facts "$DATA/rome/known_1000.json" \
+        --n 10 --samples 3 --out "$OUT/trace-gemma3" -q ;;
     stream-tuned)  # our residual=stream deviation at its own dev-best values (docs/PRESETS.md): clamp 3.0, λ 5000
       mkdir -p "$OUT"
       sed -e 's/^clamp_norm_factor: .*/clamp_norm_factor: 3.0/' -e 's/^mom2_update_weight: .*/mom2_update_weight: 5000/' \
@@ -41,7 +44,7 @@ for g in $GROUPS_; do
     zsre)
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
     gemma)
-      for m in pmet memit; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
+      for m in pmet memit ft rome; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
   esac
 done
