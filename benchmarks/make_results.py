@@ -55,12 +55,13 @@ def main(runs: Path) -> None:
         print()
         checked = [s for s in runs_ if s.get("stream_check")]
         if checked:  # pmet.update.StreamCheck: the layer-L residual stream's realised vs intended move
-            print("| method | ‖intended‖ | ‖realised‖ | ratio | cosine |")
-            print("| --- | --- | --- | --- | --- |")
+            print("| method | ‖intended‖ | ‖realised‖ | ratio | median ratio | cosine |")
+            print("| --- | --- | --- | --- | --- | --- |")
             for s in checked:
                 c = s["stream_check"]
+                med = f"{c['median_ratio']:.2f}" if "median_ratio" in c else "–"  # runs before it was recorded
                 print(f"| {s['method']} | {c['intended_norm']:.2f} | {c['realised_norm']:.2f} | {c['ratio']:.2f} "
-                      f"| {c['cosine']:.2f} |")
+                      f"| {med} | {c['cosine']:.2f} |")
             print()
         paired(runs, runs_)
     for path in sorted(runs.glob("trace-*/trace.json")):

@@ -52,19 +52,23 @@ def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) 
 
 @dataclass
 class StreamCheck:
-    """Means over requests of ‖intended‖, ‖realised‖ change of the layer-L residual stream, their ratio, cosine."""
+    """Means over requests of ‖intended‖, ‖realised‖ change of the layer-L residual stream, their ratio, cosine;
+    and the median ratio, which a few requests with a near-zero intended move cannot inflate (the mean can)."""
 
     intended_norm: float
     realised_norm: float
     ratio: float
     cosine: float
+    median_ratio: float
 
     @classmethod
     def measure(cls, intended: torch.Tensor, realised: torch.Tensor) -> StreamCheck:
         """intended, realised: (n, d)."""
         ni, nr = intended.norm(dim=-1), realised.norm(dim=-1)
         cos = torch.nn.functional.cosine_similarity(intended, realised, dim=-1)
-        return cls(float(ni.mean()), float(nr.mean()), float((nr / ni.clamp_min(1e-12)).mean()), float(cos.mean()))
+        ratio = nr / ni.clamp_min(1e-12)
+        return cls(float(ni.mean()), float(nr.mean()), float(ratio.mean()), float(cos.mean()),
+                   float(ratio.quantile(0.5)))
 
 
 @dataclass

@@ -110,6 +110,10 @@ def test_stream_check_hand_computed():
     assert (sc.intended_norm, sc.realised_norm) == pytest.approx((3.0, 5.5))
     assert sc.ratio == pytest.approx((2.0 + 1.0) / 2)
     assert sc.cosine == pytest.approx((1.0 + 0.0) / 2)
+    # three requests, one with a near-zero intended move: it drives the mean ratio, not the median
+    sc = StreamCheck.measure(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1e-6, 0.0]]),
+                             torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
+    assert sc.ratio > 1e5 and sc.median_ratio == pytest.approx(3.0)
 
 
 def test_spread_rule():
