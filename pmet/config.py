@@ -13,6 +13,10 @@ Method variants (the paper's ablations and the MEMIT baseline) are one option ea
 - `residual`: "value" (the paper/reference: R = V − the current value at L's value site, recomputed per layer) or
   "stream" (a deviation, not in the paper: R = the intended move of the layer-L residual stream minus the move
   already made by the layers updated so far; identical to "value" for MEMIT). See docs/METHOD.md.
+- `post_norm_residual`: "as-is" (MEMIT as published: its layer-output residual is written into the FFN output as
+  it is) or "preimage" (a deviation for architectures that normalise the FFN output before the residual add,
+  Gemma 3: write the pre-norm change whose normalised output moves the stream by the residual, or as close to
+  it as the norm allows). MEMIT only (PMET's values already live before the norm). See docs/METHOD.md.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class PMETConfig:
     update_modules: list[str] = field(default_factory=lambda: ["ffn"])
     spread: str = "sqrt"
     residual: str = "value"  # "value" (paper) | "stream" (deviation; module docstring)
+    post_norm_residual: str = "as-is"  # "as-is" (MEMIT as published) | "preimage" (deviation; module docstring)
     # FT-W baseline (ROME's constrained fine-tuning "FT-L"): Adam on one FFN output projection (layers[0])
     ft_num_steps: int = 25  # optimiser steps per edit
     ft_lr: float = 5e-4
@@ -103,6 +108,10 @@ class PMETConfig:
             raise bad("residual", "must be 'value' (PMET, the paper) or 'stream' (deviation)")
         if self.residual == "stream" and self.update_modules != ["ffn"]:
             raise bad("residual", "'stream' spreads one stream residual and needs update_modules ['ffn']")
+        if self.post_norm_residual not in ("as-is", "preimage"):
+            raise bad("post_norm_residual", "must be 'as-is' (MEMIT as published) or 'preimage' (deviation)")
+        if self.post_norm_residual == "preimage" and self.target_site != "layer_output":
+            raise bad("post_norm_residual", "'preimage' applies to MEMIT (target_site=layer_output) only")
         if not self.update_modules or not set(self.update_modules) <= {"ffn", "attn"}:
             raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
         if self.target_site == "layer_output" and self.update_modules != ["ffn"]:

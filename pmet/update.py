@@ -6,6 +6,8 @@ For l in R, in increasing order, with the weights as updated so far (NOTES.md "W
          = Σ_c (V_c − value_c⁰) − (h^L − h^L⁰)              (residual="stream", a deviation: the intended move
                                                              of the layer-L stream minus the move made so far)
     R_l  = R / sqrt(L − l + 1)   (PMET, Eq. 11)   or   R / (L − l + 1)   (MEMIT, even spread)
+         → preimage(m_l, R_l) − m_l     (post_norm_residual="preimage", a MEMIT deviation for post-norm
+                                         architectures: the pre-norm change that moves the stream by R_l)
     Δ_l  = R_l K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹                   (Eq. 9), in float64 by a Cholesky solve
     W_l += Δ_l
 
@@ -35,6 +37,38 @@ def spread(L: int, l: int, rule: str) -> float:
     """Divisor of the residual at layer l (Eq. 11): sqrt(L−l+1) for 'sqrt' (PMET), L−l+1 for 'even' (MEMIT)."""
     n = L - l + 1
     return math.sqrt(n) if rule == "sqrt" else float(n)
+
+
+def norm_gain(norm: torch.nn.Module, d: int) -> torch.Tensor:
+    """The elementwise gain g of an RMS norm N(x) = g ⊙ x / rms(x), read by applying it to a constant vector (any
+    RMSNorm parametrisation: Gemma's 1 + w, Llama's w). Float64, shape (d,)."""
+    p = next(norm.parameters())
+    with torch.no_grad():  # N(c·1) = g · c / sqrt(c² + ε) = g for c ≫ sqrt(ε)
+        return norm(torch.full((1, d), 1e3, dtype=p.dtype, device=p.device)).double().reshape(d).cpu()
+
+
+def post_norm_preimage(m: torch.Tensor, r: torch.Tensor, g: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Pre-norm values m' with N(m') as close as N allows to N(m) + r, for the RMS norm N(x) = g ⊙ x / rms(x).
+
+    N's outputs are exactly {g ⊙ u : ‖u‖² = d}, so with t = N(m) + r this solves min_u ‖g ⊙ u − t‖² s.t.
+    ‖u‖² = d (a trust-region subproblem with a diagonal matrix): u = g t / (g² + μ) with the unique μ > −min g²
+    where ‖u‖² = d, found by bisection. Where t is reachable (μ = 0) N(m') = t exactly. N is scale invariant, so
+    m' = rms(m) · u keeps the pre-norm magnitude. m, r: (n, d); g: (d,). Returns m' (n, d), m's dtype.
+    """
+    m64, g = m.double(), g.double().to(m.device)
+    d = m64.shape[-1]
+    rms = m64.pow(2).mean(-1, keepdim=True).sqrt()
+    t = g * m64 / rms + r.double()
+    gt2 = (g * t).pow(2)  # (n, d)
+    g2 = g.pow(2)
+    lo = torch.full((m.shape[0], 1), -float(g2.min()), dtype=torch.float64, device=m.device)
+    hi = gt2.sum(-1, keepdim=True).sqrt() / math.sqrt(d) - float(g2.min())  # φ(hi) ≤ 0, see docstring
+    for _ in range(iters):  # φ(μ) = Σ g²t²/(g²+μ)² − d decreases on (−min g², ∞)
+        mid = (lo + hi) / 2
+        too_long = (gt2 / (g2 + mid).pow(2)).sum(-1, keepdim=True) > d
+        lo, hi = torch.where(too_long, mid, lo), torch.where(too_long, hi, mid)
+    u = g * t / (g2 + hi)
+    return (rms * u).to(m.dtype)
 
 
 def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) -> torch.Tensor:
@@ -79,7 +113,8 @@ class LayerUpdate:
     layer: int
     component: str
     delta: torch.Tensor
-    residual_norm: float  # mean ‖R_l‖ over requests before the update at this layer
+    residual_norm: float  # mean ‖R_l‖ over requests before the update at this layer (the pre-norm change with
+    #                       post_norm_residual="preimage")
 
 
 def insert(
@@ -109,6 +144,7 @@ def insert(
         raise ConfigError("config field 'residual': 'stream' is not defined for architectures that normalise the "
                           "FFN output before the residual add (Gemma 3); use 'value'")
     bare_rows = [rows[int(i)] for i in bare]
+    preimage = cfg.post_norm_residual == "preimage" and bool(layout.spec.post_norms)
 
     def read_bare(sites: list[Site]) -> dict[Site, torch.Tensor]:
         return read_at_subject(model, bare_rows, list(dict.fromkeys(sites)), pad_id=tok.pad_token_id,
@@ -125,13 +161,18 @@ def insert(
             # the residual's site: the value site (paper) or the layer-L stream (residual="stream"), read in the
             # same pass as the keys
             r_site = stream if cfg.residual == "stream" else value_site[comp]
-            got = read_at_subject(model, rows, [key_site, r_site], pad_id=tok.pad_token_id,
-                                  batch_size=batch_size, stop_after=r_site.module)
+            m_site = Site(layout.ffn_out(l), "out")  # the pre-norm FFN output, for the preimage
+            got = read_at_subject(model, rows, [key_site, r_site, *([m_site] if preimage else [])],
+                                  pad_id=tok.pad_token_id, batch_size=batch_size, stop_after=r_site.module)
             K = average_two_stage(got[key_site], templates)  # (n, d_in)
             current = got[r_site][bare.to(got[r_site].device)]  # (n, d)
             R = (intended - (current - before[stream]) if cfg.residual == "stream"
                  else V.to(current.device) - current)
             R = R / spread(L, l, cfg.spread)
+            if preimage:  # R is a move of the stream; write the pre-norm change that makes it (docstring)
+                m = got[m_site][bare.to(current.device)]
+                norm = model.get_submodule(f"{layout.layer(l)}.{layout.spec.post_norms[1]}")
+                R = post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
             delta = solve_delta(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
             W = get_weight(model, name)

@@ -92,6 +92,10 @@ def test_bad_config_values(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_config("no-such-preset")
+    p.write_text("layers: [3]\npost_norm_residual: preimage\n")  # a MEMIT option, refused for PMET
+    with pytest.raises(ConfigError, match="'post_norm_residual'.*MEMIT"):
+        load_config(str(p))
+    assert load_config(str(p), method="memit").post_norm_residual == "preimage"
 
 
 def test_variants_are_one_option_each():

@@ -15,7 +15,7 @@ from pmet.keys import Site, average_two_stage, key_rows, read_at_subject
 from pmet.prompts import encode, target_ids
 from pmet.requests import make_request
 from pmet.targets import compute_targets
-from pmet.update import StreamCheck, solve_delta, spread
+from pmet.update import StreamCheck, norm_gain, post_norm_preimage, solve_delta, spread
 
 from .tiny import ARCHS, tiny_model, tiny_tokenizer
 
@@ -114,6 +114,69 @@ def test_stream_check_hand_computed():
     sc = StreamCheck.measure(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1e-6, 0.0]]),
                              torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
     assert sc.ratio > 1e5 and sc.median_ratio == pytest.approx(3.0)
+
+
+def test_post_norm_preimage_hand_cases():
+    """N(x) = g ⊙ x / rms(x): the gain is read for both RMSNorm parametrisations; a reachable target is hit exactly
+    with the pre-norm magnitude kept; an unreachable one is projected no worse than any other output of N."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    d = 16
+    gemma, llama = Gemma3RMSNorm(d), LlamaRMSNorm(d)
+    gemma.weight.data = torch.randn(d)  # N = (1 + w) ⊙ x / rms(x), some gains negative
+    llama.weight.data = torch.randn(d)  # N = w ⊙ x / rms(x)
+    x = torch.randn(5, d)
+    for norm in (gemma, llama):
+        g = norm_gain(norm, d)
+        torch.testing.assert_close(g * x.double() / x.double().pow(2).mean(-1, keepdim=True).sqrt(),
+                                   norm(x).double(), rtol=1e-5, atol=1e-5)
+    g = norm_gain(gemma, d)
+    m, other = 3 * torch.randn(4, d), torch.randn(4, d)
+    reach = post_norm_preimage(m, gemma(other) - gemma(m), g)  # N(other) is an output of N: reachable
+    torch.testing.assert_close(gemma(reach), gemma(other), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reach.pow(2).mean(-1), m.pow(2).mean(-1), rtol=1e-5, atol=1e-5)
+    r = 5 * torch.randn(4, d)  # far off N's range
+    t = gemma(m) + r
+    best = (gemma(post_norm_preimage(m, r, g)) - t).norm(dim=-1)
+    rivals = torch.cat([gemma(torch.randn(2000, d)), gemma(t / g.float())])  # random outputs; naive rescaling
+    assert (best[:, None] <= (rivals[None] - t[:, None]).norm(dim=-1) + 1e-4).all()
+
+
+def test_memit_preimage_moves_the_stream_as_computed():
+    """Gemma 3 (FFN post-norm), MEMIT at one layer with a tiny λ and the bare template only, so W k = m' exactly:
+    with 'preimage' the layer-L stream moves by N(m') − N(m0), m' = post_norm_preimage(m0, δ), which points along
+    δ far better than MEMIT as published. On Llama (no post-norm) the option changes nothing."""
+    L = 2
+    cos = {}
+    for mode in ("as-is", "preimage"):
+        model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+        lay = layout_of(model)
+        norm = model.get_submodule(f"{lay.layer(L)}.post_feedforward_layernorm")
+        torch.manual_seed(1)
+        norm.weight.data = torch.randn_like(norm.weight)  # non-trivial gains (zeros, i.e. g = 1, at init)
+        cfg = cfg_for(layers=[L], mom2_update_weight=1e-6, target_site="layer_output", attn_delta=False,
+                      spread="even", post_norm_residual=mode)
+        rows = key_rows(tok, REQUESTS, [["{}"]])
+        h, m = Site(lay.layer(L), "out"), Site(lay.ffn_out(L), "out")
+        before = read_at_subject(model, rows, [h, m], pad_id=tok.pad_token_id)
+        res = edit(model, tok, REQUESTS, cfg, c0=identity_c0(model, [L]), context_templates=[["{}"]],
+                   progress=False)
+        move = read_at_subject(model, rows, [h], pad_id=tok.pad_token_id)[h] - before[h]
+        delta = res.targets.ffn - before[h]  # MEMIT's δ on the layer output
+        cos[mode] = torch.nn.functional.cosine_similarity(move, delta, dim=-1)
+    expected = norm(post_norm_preimage(before[m], delta, norm_gain(norm, delta.shape[-1]))) - norm(before[m])
+    torch.testing.assert_close(move, expected, rtol=1e-3, atol=1e-3)
+    assert cos["preimage"].min() > 0.95 and cos["preimage"].mean() > cos["as-is"].mean() + 0.05
+    llama = {}
+    for mode in ("as-is", "preimage"):
+        model, tok = tiny_model("llama"), tiny_tokenizer()
+        cfg = cfg_for(target_site="layer_output", attn_delta=False, spread="even", post_norm_residual=mode)
+        res = edit(model, tok, REQUESTS, cfg, c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES,
+                   progress=False)
+        llama[mode] = [u.delta for u in res.updates]
+    assert all(torch.equal(a, b) for a, b in zip(llama["as-is"], llama["preimage"], strict=True))
 
 
 def test_spread_rule():
