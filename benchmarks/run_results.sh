@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
 # `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
-# OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations stream-tuned zsre
-# trace no-attn-delta gemma (default: all, in that order; the shared ablations, and our stream-residual deviation,
-# reuse PMET's cached targets). Each run evaluates the unedited model first, edits, evaluates again.
+# OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations
+# stream-tuned zsre trace no-attn-delta gemma gemma-preimage (default: all, in that order; the shared ablations, and
+# our stream-residual deviation, reuse PMET's cached targets; gemma-preimage reuses MEMIT's). Each run evaluates
+# the unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
 set -euo pipefail
 N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
-GROUPS_=${*:-smollm2 shared-ablations zsre trace no-attn-delta gemma}
+GROUPS_=${*:-smollm2 shared-ablations zsre trace no-attn-delta gemma gemma-preimage}
 DATA=${PMET_DATA_DIR:-../shared/data}
 CF=$DATA/counterfact_rome_subsets/counterfact_rome_format_subset.json
 ZSRE=$DATA/zsre/zsre_mend_eval_portability_gpt4.json
@@ -45,6 +46,12 @@ for g in $GROUPS_; do
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
     gemma)
       for m in pmet memit ft rome; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
+    gemma-preimage)  # MEMIT with our post-norm deviation (docs/METHOD.md), the preset's MEMIT values otherwise;
+      # it reuses MEMIT's cached targets
+      mkdir -p "$OUT"
+      sed '/^  memit:$/a\    post_norm_residual: preimage' pmet/presets/gemma3-270m.yaml > "$OUT/gemma-memit-preimage.yaml"
+      run "gemma3-cf$N-memit+post-norm-preimage" --model gemma3-270m --method memit --data "$CF" \
+        --config "$OUT/gemma-memit-preimage.yaml" --label "memit+post-norm-preimage" ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
   esac
 done

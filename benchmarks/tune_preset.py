@@ -1,13 +1,15 @@
-"""Dev-slice sweep for a model's preset: λ, clamp and critical layers, scored by CounterFact Score.
+"""Dev-slice sweep for a model's preset: λ, clamp and critical layers, scored by CounterFact or zsRE Score.
 
     python benchmarks/tune_preset.py --model smollm2-135m --records 30 --layers 3-7 --layers 2-6 \
-        --lambdas 500,2000,6000,15000 --clamps 3.0,0.75 [--set residual=stream]
+        --lambdas 500,2000,6000,15000 --clamps 3.0,0.75 [--set residual=stream] [--dataset zsre]
 
-Records: the first N dev-slice records of EasyEdit's counterfact-train.json (docs/EVALUATION.md "Slices"; never
-test-slice records). All N requests are edited as one batch per setting, evaluated without generation
-(efficacy, generalization, specificity, Score), and reverted. "stream ratio"/"cos" compare the realised move of
-the layer-L residual stream with the intended one (pmet.update.StreamCheck). Target vectors are cached, so settings
-that share L, clamp and the optimisation values (every λ, every layer range with the same L) optimise once.
+Records: the first N dev-slice records of EasyEdit's counterfact-train.json, or with `--dataset zsre` of the zsRE
+MEND-format file the results use (docs/EVALUATION.md "Slices"; never test-slice records). zsRE's Score is the
+harmonic mean of its three token accuracies (docs/EVALUATION.md). All N requests are edited as one batch per
+setting, evaluated without generation (efficacy, generalization, specificity, Score), and reverted. "stream
+ratio"/"cos" compare the realised move of the layer-L residual stream with the intended one (StreamCheck). Target
+vectors are cached, so settings that share L, clamp and the optimisation values (every λ, every layer range with the
+same L) optimise once.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  #
 from pmet.methods import apply_method  # noqa: E402
 from pmet.models import load_model  # noqa: E402
 
+DEFAULT_DATA = {"counterfact": "counterfact_easyedit/counterfact-train.json",
+                "zsre": "zsre/zsre_mend_eval_portability_gpt4.json"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--config", default=None, help="preset (default: the model's)")
-    ap.add_argument("--data", default="../shared/data/counterfact_easyedit/counterfact-train.json")
+    ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
+    ap.add_argument("--data", default=None, help="records file (default: the dataset's file under ../shared/data)")
     ap.add_argument("--corpus", default="../shared/data/wikitext/wikitext-2-raw/wiki.valid.raw")
     ap.add_argument("--records", type=int, default=30)
     ap.add_argument("--layers", action="append", default=None, help="a range like 3-7 (repeatable)")
@@ -46,11 +52,12 @@ def main() -> None:
     preset = args.config or lm.preset
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     base = load_config(preset, method=args.method, **overrides)
-    recs = load_eval_records(args.data, "counterfact", n=args.records, slice_="dev")
+    data = args.data or f"../shared/data/{DEFAULT_DATA[args.dataset]}"
+    recs = load_eval_records(data, args.dataset, n=args.records, slice_="dev")
     opts = EvalOptions(generation=False)
     before = evaluate_records(lm.model, lm.tok, recs, opts)
     s0 = summarize(before)
-    print(f"{len(recs)} dev records (case ids {recs[0].case_id}..{recs[-1].case_id}); unedited: "
+    print(f"{len(recs)} {args.dataset} dev records (ids {recs[0].case_id}..{recs[-1].case_id}); unedited: "
           f"Score {100 * s0['score']['mean']:.1f}, efficacy {100 * s0['efficacy']['mean']:.1f}")
     ranges = [list(range(int(a), int(b) + 1)) for a, b in (r.split("-") for r in (args.layers or []))] \
         or [base.layers]
