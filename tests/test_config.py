@@ -82,6 +82,16 @@ def test_every_preset_loads():
         assert load_config(name).layers
 
 
+def test_smollm2_zsre_preset_changes_pmet_only():
+    """smollm2-135m-zsre: PMET's zsRE-swept clamp and λ; the baselines exactly as in the CounterFact preset."""
+    def diff(method):
+        a, b = load_config("smollm2-135m-zsre", method).to_dict(), load_config("smollm2-135m", method).to_dict()
+        return {k for k in a if a[k] != b[k]}
+
+    assert diff("pmet") == {"clamp_norm_factor", "mom2_update_weight"}
+    assert diff("memit") == diff("rome") == set()
+
+
 def test_bad_config_values(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("layers: [5, 3]\n")
