@@ -2,14 +2,14 @@
 # Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
 # `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
 # OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations
-# stream-tuned zsre trace no-attn-delta gemma gemma-preimage (default: all, in that order; the shared ablations, and
-# our stream-residual deviation, reuse PMET's cached targets; gemma-preimage reuses MEMIT's). Each run evaluates
-# the unedited model first, edits, evaluates again.
+# stream-tuned zsre zsre-preset trace no-attn-delta gemma gemma-preimage (default: all, in that order; the shared
+# ablations, and our stream-residual deviation, reuse PMET's cached targets). Each run evaluates the unedited model
+# first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
 set -euo pipefail
 N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
-GROUPS_=${*:-smollm2 shared-ablations zsre trace no-attn-delta gemma gemma-preimage}
+GROUPS_=${*:-smollm2 shared-ablations zsre zsre-preset trace no-attn-delta gemma gemma-preimage}
 DATA=${PMET_DATA_DIR:-../shared/data}
 CF=$DATA/counterfact_rome_subsets/counterfact_rome_format_subset.json
 ZSRE=$DATA/zsre/zsre_mend_eval_portability_gpt4.json
@@ -44,12 +44,16 @@ for g in $GROUPS_; do
         --config "$OUT/pmet-stream-tuned.yaml" --label "pmet+stream-residual(tuned)" ;;
     zsre)
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
+    zsre-preset)  # PMET with SmolLM2's zsRE preset (docs/PRESETS.md; MEMIT's values there are the CounterFact ones)
+      run "smollm2-zsre$N-pmet+zsre-preset" --model smollm2-135m --method pmet --dataset zsre --data "$ZSRE" \
+        --config smollm2-135m-zsre --label "pmet (zsRE preset)" ;;
     gemma)
       for m in pmet memit ft rome; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
-    gemma-preimage)  # MEMIT with our post-norm deviation (docs/METHOD.md), the preset's MEMIT values otherwise;
-      # it reuses MEMIT's cached targets
+    gemma-preimage)  # MEMIT with our post-norm deviation (docs/METHOD.md) at its own dev-best values (layers 2-5,
+      # λ 500; docs/PRESETS.md), the preset's MEMIT values otherwise
       mkdir -p "$OUT"
-      sed '/^  memit:$/a\    post_norm_residual: preimage' pmet/presets/gemma3-270m.yaml > "$OUT/gemma-memit-preimage.yaml"
+      sed -e '/^  memit:$/,/^  rome:$/{s/^    layers: .*/    layers: [2, 3, 4, 5]/;s/^    mom2_update_weight: .*/    mom2_update_weight: 500/;}' \
+        -e '/^  memit:$/a\    post_norm_residual: preimage' pmet/presets/gemma3-270m.yaml > "$OUT/gemma-memit-preimage.yaml"
       run "gemma3-cf$N-memit+post-norm-preimage" --model gemma3-270m --method memit --data "$CF" \
         --config "$OUT/gemma-memit-preimage.yaml" --label "memit+post-norm-preimage" ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
