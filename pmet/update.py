@@ -62,7 +62,7 @@ def post_norm_preimage(m: torch.Tensor, r: torch.Tensor, g: torch.Tensor, iters:
     gt2 = (g * t).pow(2)  # (n, d)
     g2 = g.pow(2)
     lo = torch.full((m.shape[0], 1), -float(g2.min()), dtype=torch.float64, device=m.device)
-    hi = gt2.sum(-1, keepdim=True).sqrt() / math.sqrt(d) - float(g2.min())  # φ(hi) ≤ 0, see docstring
+    hi = gt2.sum(-1, keepdim=True).sqrt() / math.sqrt(d) - float(g2.min())  # all g² + hi ≥ ‖g t‖/√d: φ(hi) ≤ 0
     for _ in range(iters):  # φ(μ) = Σ g²t²/(g²+μ)² − d decreases on (−min g², ∞)
         mid = (lo + hi) / 2
         too_long = (gt2 / (g2 + mid).pow(2)).sum(-1, keepdim=True) > d
