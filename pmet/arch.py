@@ -106,6 +106,11 @@ class ModelLayout:
         """Name of the weight edited for `component` ('ffn' or 'attn') at layer l."""
         return self.ffn_out(l) if component == "ffn" else self.attn_out(l)
 
+    def post_norm(self, l: int, component: str) -> str:
+        """Name of the norm applied to `component`'s output ('ffn' or 'attn') at layer l before the residual add;
+        only for architectures that have one (`spec.post_norms`, Gemma 3)."""
+        return f"{self.layer(l)}.{self.spec.post_norms[1 if component == 'ffn' else 0]}"
+
 
 def layout_of(model: nn.Module) -> ModelLayout:
     """Resolve the architecture table for `model`, or fail with a message saying what to add."""

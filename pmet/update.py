@@ -171,7 +171,7 @@ def insert(
             R = R / spread(L, l, cfg.spread)
             if preimage:  # R is a move of the stream; write the pre-norm change that makes it (docstring)
                 m = got[m_site][bare.to(current.device)]
-                norm = model.get_submodule(f"{layout.layer(l)}.{layout.spec.post_norms[1]}")
+                norm = model.get_submodule(layout.post_norm(l, "ffn"))
                 R = post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
             delta = solve_delta(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
@@ -198,7 +198,6 @@ def _stream_space(model: PreTrainedModel, layout: ModelLayout, cfg: PMETConfig, 
     architecture has one (Gemma 3), as is otherwise (and for MEMIT's layer-output values)."""
     if cfg.target_site != "components" or not layout.spec.post_norms:
         return v
-    norm = layout.spec.post_norms[0 if comp == "attn" else 1]
-    module = model.get_submodule(f"{layout.layer(cfg.L)}.{norm}")
+    module = model.get_submodule(layout.post_norm(cfg.L, comp))
     with torch.no_grad():
         return module(v.to(next(module.parameters()).dtype)).float()

@@ -93,8 +93,8 @@ def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, 
     attn_names = [layout.attn_out(l) for l in range(n)]
     ffn_names = [layout.ffn_out(l) for l in range(n)]
     if after_post_norms and layout.spec.post_norms:
-        attn_names = [f"{layout.layer(l)}.{layout.spec.post_norms[0]}" for l in range(n)]
-        ffn_names = [f"{layout.layer(l)}.{layout.spec.post_norms[1]}" for l in range(n)]
+        attn_names = [layout.post_norm(l, "attn") for l in range(n)]
+        ffn_names = [layout.post_norm(l, "ffn") for l in range(n)]
     entry_names = [f"{layout.layer(l)}.{entry}" for l in range(n)] if entry else []
     with Trace(model, inputs=layer_names + entry_names, outputs=attn_names + ffn_names,
                stop_after=layer_names[-1]) as tr:
@@ -115,7 +115,7 @@ def read_states(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, 
     else:
         added = attn
         if layout.spec.post_norms and not after_post_norms:
-            added = torch.stack([model.get_submodule(f"{layout.layer(l)}.{layout.spec.post_norms[0]}")(attn[:, l])
+            added = torch.stack([model.get_submodule(layout.post_norm(l, "attn"))(attn[:, l])
                                  for l in range(n)], 1)
         ffn_in = h_in + added
     return LayerStates(h_in, attn, ffn_in, ffn_out, ffn_entry_description(model, layout))
