@@ -15,6 +15,7 @@ same L) optimise once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  #
 from pmet.methods import apply_method  # noqa: E402
 from pmet.models import load_model  # noqa: E402
 
+DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))  # bench_edit's
 DEFAULT_DATA = {"counterfact": "counterfact_easyedit/counterfact-train.json",
                 "zsre": "zsre/zsre_mend_eval_portability_gpt4.json"}
 
@@ -37,8 +39,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--config", default=None, help="preset (default: the model's)")
     ap.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
-    ap.add_argument("--data", default=None, help="records file (default: the dataset's file under ../shared/data)")
-    ap.add_argument("--corpus", default="../shared/data/wikitext/wikitext-2-raw/wiki.valid.raw")
+    ap.add_argument("--data", default=None, help="records file (default: the dataset's file under $PMET_DATA_DIR)")
+    ap.add_argument("--corpus", default=str(DATA / "wikitext/wikitext-2-raw/wiki.valid.raw"))
     ap.add_argument("--records", type=int, default=30)
     ap.add_argument("--layers", action="append", default=None, help="a range like 3-7 (repeatable)")
     ap.add_argument("--lambdas", default="500,2000,6000,15000")
@@ -52,7 +54,7 @@ def main() -> None:
     preset = args.config or lm.preset
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     base = load_config(preset, method=args.method, **overrides)
-    data = args.data or f"../shared/data/{DEFAULT_DATA[args.dataset]}"
+    data = args.data or DATA / DEFAULT_DATA[args.dataset]
     recs = load_eval_records(data, args.dataset, n=args.records, slice_="dev")
     opts = EvalOptions(generation=False)
     before = evaluate_records(lm.model, lm.tok, recs, opts)
