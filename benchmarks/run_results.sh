@@ -36,12 +36,9 @@ for g in $GROUPS_; do
       [ -f "$OUT/trace-gemma3/trace.json" ] || pmet trace --model gemma3-270m --facts "$DATA/rome/known_1000.json" \
         --n 10 --samples 3 --out "$OUT/trace-gemma3" -q ;;
     stream-tuned)  # our residual=stream deviation at its own dev-best values (docs/PRESETS.md): clamp 3.0, λ 5000
-      mkdir -p "$OUT"
-      sed -e 's/^clamp_norm_factor: .*/clamp_norm_factor: 3.0/' -e 's/^mom2_update_weight: .*/mom2_update_weight: 5000/' \
-        pmet/presets/smollm2-135m.yaml > "$OUT/pmet-stream-tuned.yaml"
-      echo "residual: stream" >> "$OUT/pmet-stream-tuned.yaml"
       run "smollm2-cf$N-pmet+stream-residual-tuned" --model smollm2-135m --method pmet --data "$CF" \
-        --config "$OUT/pmet-stream-tuned.yaml" --label "pmet+stream-residual(tuned)" ;;
+        --set residual=stream --set clamp_norm_factor=3.0 --set mom2_update_weight=5000 \
+        --label "pmet+stream-residual(tuned)" ;;
     zsre)
       for m in pmet memit; do run "smollm2-zsre$N-$m" --model smollm2-135m --method $m --dataset zsre --data "$ZSRE"; done ;;
     zsre-preset)  # PMET with SmolLM2's zsRE preset (docs/PRESETS.md; MEMIT's values there are the CounterFact ones)
@@ -51,11 +48,9 @@ for g in $GROUPS_; do
       for m in pmet memit ft rome; do run "gemma3-cf$N-$m" --model gemma3-270m --method $m --data "$CF"; done ;;
     gemma-preimage)  # MEMIT with our post-norm deviation (docs/METHOD.md) at its own dev-best values (layers 2-5,
       # λ 500; docs/PRESETS.md), the preset's MEMIT values otherwise
-      mkdir -p "$OUT"
-      sed -e '/^  memit:$/,/^  rome:$/{s/^    layers: .*/    layers: [2, 3, 4, 5]/;s/^    mom2_update_weight: .*/    mom2_update_weight: 500/;}' \
-        -e '/^  memit:$/a\    post_norm_residual: preimage' pmet/presets/gemma3-270m.yaml > "$OUT/gemma-memit-preimage.yaml"
       run "gemma3-cf$N-memit+post-norm-preimage" --model gemma3-270m --method memit --data "$CF" \
-        --config "$OUT/gemma-memit-preimage.yaml" --label "memit+post-norm-preimage" ;;
+        --set post_norm_residual=preimage --set "layers=[2, 3, 4, 5]" --set mom2_update_weight=500 \
+        --label "memit+post-norm-preimage" ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
   esac
 done

@@ -20,10 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pmet.config import load_config  # noqa: E402
+from pmet.config import load_config, parse_overrides  # noqa: E402
 from pmet.evaluation.data import load_eval_records  # noqa: E402
 from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  # noqa: E402
 from pmet.methods import apply_method  # noqa: E402
@@ -52,8 +50,7 @@ def main() -> None:
 
     lm = load_model(args.model)
     preset = args.config or lm.preset
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    base = load_config(preset, method=args.method, **overrides)
+    base = load_config(preset, method=args.method, settings=parse_overrides(args.set))
     data = args.data or DATA / DEFAULT_DATA[args.dataset]
     recs = load_eval_records(data, args.dataset, n=args.records, slice_="dev")
     opts = EvalOptions(generation=False)

@@ -19,7 +19,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .console import METHOD_HELP, MODEL_HELP, console, out_console
+from .console import METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
 from .errors import ConfigError, PmetError
 from .fileio import atomic_write
@@ -28,7 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
 
 
-def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict) -> Any:
+def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict,
+                settings: dict[str, Any] | None = None) -> Any:
+    """The run's config: the preset (or file), the ablation's option, the CLI overrides, then `--set` items."""
     from .config import ABLATIONS, PRESET_BY_MODEL_TYPE, load_config
 
     name = config or lm.preset or PRESET_BY_MODEL_TYPE.get(lm.model.config.model_type)
@@ -41,7 +43,7 @@ def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, 
         if method != "pmet":
             raise ConfigError("--ablation applies to --method pmet only")
         extra.update(ABLATIONS[ablation])
-    return load_config(name, method=method, **{**extra, **overrides})
+    return load_config(name, method=method, settings=settings, **{**extra, **overrides})
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -123,6 +125,7 @@ def edit(
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     limit: int | None = typer.Option(None, help="Use only the first N requests."),
     layers: str | None = typer.Option(None, help="Override the critical layers, e.g. 3,4,5,6,7."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
     seed: int | None = typer.Option(None, help="Seed of the context templates and self-sampled corpora."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
@@ -132,6 +135,7 @@ def edit(
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
     from .arch import layout_of
+    from .config import parse_overrides
     from .methods import apply_method
     from .models import load_model
     from .requests import load_requests
@@ -139,6 +143,7 @@ def edit(
     try:
         if save_model and out is None:
             raise ConfigError("--save-model needs --out DIR")
+        settings = parse_overrides(set_)
         reqs = load_requests(requests, limit=limit)
         t0 = time.perf_counter()
         with console.status(f"loading {model}"):
@@ -146,7 +151,7 @@ def edit(
         load_s = time.perf_counter() - t0
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": [int(x) for x in layers.split(",")] if layers else None}
-        cfg = _config_for(lm, config, method, ablation, overrides)
+        cfg = _config_for(lm, config, method, ablation, overrides, settings)
         layout = layout_of(lm.model)
         t = time.perf_counter()
         before = _measure(lm, layout, reqs)

@@ -196,9 +196,11 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str, method: str = "pmet", **overrides: Any) -> PMETConfig:
+def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, Any] | None = None,
+                **overrides: Any) -> PMETConfig:
     """Load a named preset (`pmet/presets/<name>.yaml`) or a YAML/JSON file for `method` (its base fields, then
-    METHOD_OVERRIDES[method], then the file's `methods: {method: {...}}` section), then apply `overrides`."""
+    METHOD_OVERRIDES[method], then the file's `methods: {method: {...}}` section), then apply `overrides` (None
+    values skipped: unset CLI options) and last `settings` (the user's `--set FIELD=VALUE`, None kept)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     path = Path(name_or_path)
@@ -226,7 +228,27 @@ def load_config(name_or_path: str, method: str = "pmet", **overrides: Any) -> PM
     data.update(METHOD_OVERRIDES[method])
     data.update(sections.get(method, {}))
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(settings or {})
     return from_dict(data, source=source)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...], *, option: str = "--set") -> dict[str, Any]:
+    """Read `FIELD=VALUE` strings (VALUE as YAML: `3.0`, `[3, 4, 5]`, `stream`) into config overrides; a field name
+    that no config has, or an item without `=`, is a ConfigError naming it."""
+    known = {f.name for f in dataclasses.fields(PMETConfig)} | set(_RENAMED_KEYS)
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{option} {item!r}: expected FIELD=VALUE, e.g. {option} mom2_update_weight=5000")
+        if key not in known:
+            raise ConfigError(f"{option} {item!r}: unknown config field '{key}'")
+        try:
+            overrides[_RENAMED_KEYS.get(key, key)] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{option} {item!r}: value is not valid YAML") from None
+    return overrides
 
 
 # Presets for model families without an embedded alias, by `config.model_type`.

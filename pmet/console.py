@@ -10,6 +10,8 @@ out_console = Console()
 
 METHOD_HELP = ("pmet; memit (one δ on the layer output, even spread, MEMIT's stopping rule); rome (rank-one, one "
                "layer, edits applied in sequence); ft (FT-W: L∞-constrained fine-tuning of one FFN projection).")
+SET_HELP = ("Set one config field after the preset and the other options, VALUE read as YAML (repeatable): "
+            "--set mom2_update_weight=5000 --set residual=stream.")
 MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
 
 

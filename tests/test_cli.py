@@ -59,6 +59,15 @@ def test_unknown_model(tmp_path, examples_path):
     assert not report.exists()
 
 
+def test_bad_set_item_fails_before_loading_anything(tmp_path, examples_path):
+    out = tmp_path / "out"
+    proc = run_pmet("eval", "--data", str(tmp_path / "not-read.json"), "--out", str(out), "--set", "speed=fast")
+    assert_one_line_error(proc, "--set 'speed=fast'", "unknown config field 'speed'")
+    proc = run_pmet("edit", "--requests", str(examples_path), "--out", str(out), "--set", "layers")
+    assert_one_line_error(proc, "--set 'layers'", "expected FIELD=VALUE")
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_unreadable_corpus(tmp_path, examples_path, smol):
     report = tmp_path / "report.json"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pmet.config import ABLATIONS, MEMIT_OVERRIDES, PMETConfig, load_config, preset_names
+from pmet.config import ABLATIONS, MEMIT_OVERRIDES, PMETConfig, load_config, parse_overrides, preset_names
 from pmet.errors import ConfigError
 
 # The authors' edit/hparams/PMET/EleutherAI_gpt-j-6B.json, verbatim.
@@ -106,6 +106,29 @@ def test_bad_config_values(tmp_path):
     with pytest.raises(ConfigError, match="'post_norm_residual'.*MEMIT"):
         load_config(str(p))
     assert load_config(str(p), method="memit").post_norm_residual == "preimage"
+
+
+def test_set_overrides_are_typed_and_applied_last():
+    """`--set FIELD=VALUE`: YAML-typed values, the reference's key names, applied after the method's section."""
+    sets = parse_overrides(["mom2_update_weight=5000", "layers=[2, 3, 4, 5]", "residual=stream",
+                            "nll_loss_factor=0.5", "mom2_n_samples=null"])
+    assert sets == {"mom2_update_weight": 5000, "layers": [2, 3, 4, 5], "residual": "stream", "nll_factor": 0.5,
+                    "mom2_n_samples": None}
+    base = load_config("gemma3-270m", "memit")
+    cfg = load_config("gemma3-270m", "memit", settings=parse_overrides(
+        ["layers=[2, 3, 4, 5]", "mom2_update_weight=500", "post_norm_residual=preimage"]))
+    assert (cfg.layers, cfg.mom2_update_weight, cfg.post_norm_residual) == ([2, 3, 4, 5], 500.0, "preimage")
+    assert base.layers != cfg.layers and base.mom2_update_weight != 500.0  # the memit section was overridden
+    assert cfg.replace(layers=base.layers, mom2_update_weight=base.mom2_update_weight,
+                       post_norm_residual=base.post_norm_residual) == base  # and nothing else changed
+    # --set wins over an ablation's option passed the way the CLI passes it
+    assert load_config("gpt-j-6b", settings={"spread": "sqrt"}, **ABLATIONS["even-spread"]).spread == "sqrt"
+    for item, needle in [("layers", "expected FIELD=VALUE"), ("=3", "expected FIELD=VALUE"),
+                         ("speed=fast", "unknown config field 'speed'"), ("layers=[3", "not valid YAML")]:
+        with pytest.raises(ConfigError, match=needle):
+            parse_overrides([item])
+    with pytest.raises(ConfigError, match="'post_norm_residual'.*MEMIT"):  # validated like a file's value
+        load_config("gpt-j-6b", settings=parse_overrides(["post_norm_residual=preimage"]))
 
 
 def test_variants_are_one_option_each():

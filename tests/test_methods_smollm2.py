@@ -58,11 +58,12 @@ def test_pmet_eval_end_to_end(data_dir, wiki_corpus, tmp_path):
     out = tmp_path / "eval"
     args = ["eval", "--method", "pmet", "--data", str(data_dir / CF), "--slice", "dev", "--edits", "10",
             "--generation-prompts", "1", "--generation-length", "40", "--corpus", str(wiki_corpus),
-            "--stats-tokens", "20000", "--out", str(out), "-q"]
+            "--stats-tokens", "20000", "--out", str(out), "-q", "--set", "v_batch_size=5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "pmet" and summary["n"] == 10 and summary["dataset"] == "counterfact"
+    assert summary["settings"] == {"v_batch_size": 5} and summary["config"]["v_batch_size"] == 5  # preset: 32
     for state in (summary["metrics"], summary["unedited"]["metrics"]):
         for key in ("efficacy", "generalization", "specificity"):
             assert 0.0 <= state[key]["mean"] <= 1.0 and state[key]["ci95"] >= 0.0 and state[key]["n"] == 10

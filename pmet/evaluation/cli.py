@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..console import METHOD_HELP, MODEL_HELP, console, fail, out_console
+from ..console import METHOD_HELP, MODEL_HELP, SET_HELP, console, fail, out_console
 from ..errors import ConfigError, PmetError
 
 
@@ -37,6 +37,7 @@ def eval_command(
     corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
     v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
     seed: int = typer.Option(0, help="Seed of context templates and generation sampling."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
@@ -46,6 +47,7 @@ def eval_command(
 ) -> None:
     """Edit N benchmark records with one method and report the paper's metrics, the unedited model first."""
     from ..cli import _config_for
+    from ..config import parse_overrides
     from ..models import load_model
     from .data import load_eval_records
     from .evaluate import EvalOptions
@@ -57,12 +59,13 @@ def eval_command(
             raise ConfigError("consistency needs both --tfidf-dir and --attribute-snippets")
         if zsre_target not in ("answers", "alt"):
             raise ConfigError("--zsre-target must be 'answers' or 'alt'")
+        settings = parse_overrides(set_)
         records = load_eval_records(data, dataset, n=edits, slice_=slice_, zsre_target=zsre_target)
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": [int(x) for x in layers.split(",")] if layers else None}
-        cfg = _config_for(lm, config, method, ablation, overrides)
+        cfg = _config_for(lm, config, method, ablation, overrides, settings)
         opts = EvalOptions(batch_size=batch_size, generation=generation, generation_prompts=generation_prompts,
                            generation_length=generation_length, seed=seed,
                            tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
@@ -71,7 +74,7 @@ def eval_command(
         summary = run_eval(lm, records, method, cfg, out, label=name,
                            opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
                            cache_dir=cache_dir, corpus=corpus, progress=not quiet,
-                           extra={"data": str(data), "slice": slice_, "ablation": ablation})
+                           extra={"data": str(data), "slice": slice_, "ablation": ablation, "settings": settings})
     except PmetError as e:
         fail(str(e))
         return
