@@ -6,6 +6,13 @@
 
     python benchmarks/bench_edit.py [--requests 32] [--steps 20] [--stats-tokens 20000] [--dtype float32]
 
+3. With `--variant "FIELD=VALUE FIELD=VALUE"` (repeatable): the batched target optimisation under each variant of
+   the config (e.g. larger batches on a GPU, `v_compute_dtype=bfloat16`) against the preset's, same process,
+   with the largest relative difference of v. `--only-variants` skips 1 and 2.
+
+    python benchmarks/bench_edit.py --only-variants --variant "v_batch_size=128 v_rows_per_pass=256" \
+        --variant "v_compute_dtype=bfloat16"
+
 Prints the timings and ratios; record them in docs/PERFORMANCE.md with the machine.
 """
 
@@ -20,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pmet.arch import layout_of
-from pmet.config import load_config
+from pmet.config import load_config, parse_overrides
 from pmet.editor import context_templates_for
 from pmet.models import fingerprint, load_model
 from pmet.requests import load_requests
@@ -38,7 +45,11 @@ def main() -> None:
     ap.add_argument("--stats-tokens", type=int, default=20_000)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--variant", action="append", default=[], metavar='"FIELD=VALUE ..."',
+                    help="config variant of the batched targets, timed against the preset's (repeatable)")
+    ap.add_argument("--only-variants", action="store_true", help="skip the one-at-a-time and C0 comparisons")
     args = ap.parse_args()
+    variants = [parse_overrides(v.split(), option="--variant") for v in args.variant]
 
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     model, tok = lm.model, lm.tok
@@ -63,10 +74,21 @@ def main() -> None:
         return out, time.perf_counter() - t
 
     batched, t_batched = timed(lambda: compute_targets(model, tok, layout, reqs, templates, cfg))
+    steps = sum(d.steps for d in batched.diagnostics)
+    print(f"targets, preset batches (v_batch_size {cfg.v_batch_size}, v_rows_per_pass {cfg.v_rows_per_pass}, "
+          f"{cfg.v_compute_dtype}): {t_batched:.1f} s, {steps} Adam steps in all")
+    for items, text in zip(variants, args.variant, strict=True):
+        vcfg = cfg.replace(**items)
+        other, t_other = timed(lambda c=vcfg: compute_targets(model, tok, layout, reqs, templates, c))
+        diff = (other.ffn - batched.ffn).norm(dim=-1) / batched.ffn.norm(dim=-1)
+        print(f"targets, {text}: {t_other:.1f} s, speed-up x{t_batched / t_other:.2f} "
+              f"({sum(d.steps for d in other.diagnostics)} Adam steps; max relative difference of v "
+              f"{float(diff.max()):.2e})")
+    if args.only_variants:
+        return
     single_cfg = cfg.replace(v_batch_size=1)
     singles, t_single = timed(lambda: compute_targets(model, tok, layout, reqs, templates, single_cfg))
     diff = (batched.ffn - singles.ffn).norm(dim=-1) / singles.ffn.norm(dim=-1)
-    steps = sum(d.steps for d in batched.diagnostics)
     print(f"targets: batched {t_batched:.1f} s, one at a time {t_single:.1f} s, "
           f"speed-up x{t_single / t_batched:.2f} ({steps} Adam steps in all; max relative difference of v "
           f"{float(diff.max()):.2e})")
