@@ -43,13 +43,15 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
                  config: PMETConfig, *, sequential_batches: int | None = None, c0: dict | None = None,
                  context_templates: list[list[str]] | None = None, corpus: str | None = None,
                  cache_dir: str | os.PathLike | None = None, model_name: str = "", progress: bool = True,
-                 fingerprint: str | None = None, target_cache: bool = False) -> EditResult:
-    """Edit `model` in place with `method`; see the module docstring for the batch semantics."""
+                 fingerprint: str | None = None, target_cache: bool = False,
+                 checkpoint: str | os.PathLike | None = None) -> EditResult:
+    """Edit `model` in place with `method`; see the module docstring for the batch semantics. `checkpoint` (ROME,
+    FT-W only): a file where the sequential edit saves its progress and from which a rerun resumes."""
     run = _editor(method)
     kwargs = dict(c0=c0, context_templates=context_templates, corpus=corpus, cache_dir=cache_dir,
                   model_name=model_name, progress=progress)
     if method in SEQUENTIAL or not sequential_batches or sequential_batches >= len(requests):
-        extra = {"target_cache": target_cache} if method not in SEQUENTIAL else {}
+        extra = {"target_cache": target_cache} if method not in SEQUENTIAL else {"checkpoint": checkpoint}
         return run(model, tok, requests, config, fingerprint=fingerprint, **kwargs, **extra)
     if sequential_batches < 1:
         raise ConfigError("--sequential-batches must be a positive number of edits per batch")

@@ -278,3 +278,86 @@ def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeyp
     assert s1["metrics"]["consistency"]["mean"] is None and s1["metrics"]["fluency"]["n"] == 2
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["margins.png", "metrics.png", "records.jsonl",
                                                                    "summary.json", "summary.md"]
+
+
+@pytest.mark.parametrize("method", ["rome", "ft"])
+def test_interrupted_sequential_edit_resumes_exactly(tmp_path, monkeypatch, method):
+    """A ROME/FT-W run killed after 2 of 3 edits, rerun with the same checkpoint, ends with the uninterrupted
+    run's Δ and diagnostics, bit for bit, and redoes only the third edit."""
+    from pmet.baselines import checkpoint as C
+    from pmet.baselines import ft as ft_mod
+    from pmet.baselines import rome as rome_mod
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = cfg_for(layers=[1], attn_delta=False, stop_rule="loss") if method == "rome" else \
+        PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)
+    kw = dict(c0=identity_c0(model, [1]), context_templates=TEMPLATES, progress=False)
+    # count the work: ROME's target optimisations, FT-W's forward passes
+    mod, fn = (rome_mod, "compute_targets") if method == "rome" else (ft_mod, "_target_nll")
+    real_work, work = getattr(mod, fn), []
+    monkeypatch.setattr(mod, fn, lambda *a, **k: work.append(1) or real_work(*a, **k))
+    ref = apply_method(method, model, tok, REQUESTS, cfg, **kw)
+    ref.revert(model)
+    work_all = len(work)
+
+    monkeypatch.setattr(C, "SAVE_EVERY_S", 0.0)
+    real_save, saves = C.SequentialCheckpoint.save, []
+
+    def killed_after_two(self, W, state, final=False):
+        real_save(self, W, state, final=final)
+        saves.append(state.done)
+        if state.done == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(C.SequentialCheckpoint, "save", killed_after_two)
+    ckpt = tmp_path / "progress.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        apply_method(method, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
+    assert C.saved_edits(ckpt) == 2
+    model.load_state_dict(before)  # a fresh process: the unedited model again
+
+    monkeypatch.setattr(C.SequentialCheckpoint, "save", real_save)
+    work.clear()
+    res = apply_method(method, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
+    assert torch.equal(res.updates[0].delta, ref.updates[0].delta)
+    assert res.diagnostics() == ref.diagnostics()
+    assert 0 < len(work) < work_all  # only the third edit was redone
+    if method == "rome":
+        assert len(work) == 1 and torch.equal(res.targets.ffn, ref.targets.ffn)
+    res.revert(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same file offered to other requests is not resumed from
+    W = get_weight(model, layout_of(model).edited_module(1, "ffn"))
+    w0 = W.clone()
+    assert C.SequentialCheckpoint(ckpt, REQUESTS[::-1]).resume(W).done == 0 and torch.equal(W, w0)
+
+
+def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pmet.evaluation import run as R
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lm = SimpleNamespace(model=model, tok=tok, name="tiny-llama")
+    cfg = PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)
+    kw = dict(opts=EvalOptions(generation=False), cache_dir=tmp_path / "cache", progress=False,
+              context_templates=TEMPLATES)
+    real = R.evaluate_records
+
+    def dies_in_the_edited_evaluation(*args, **kwargs):
+        if kwargs.get("desc") == "edited":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "evaluate_records", dies_in_the_edited_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_eval(lm, _records(), "ft", cfg, tmp_path / "a", **kw)
+    assert not (tmp_path / "a").exists()
+    [ckpt] = (tmp_path / "cache" / "sequential").iterdir()
+    monkeypatch.setattr(R, "evaluate_records", real)
+    resumed = R.run_eval(lm, _records(), "ft", cfg, tmp_path / "a", **kw)
+    assert resumed["resumed_edits"] == len(_records()) and not ckpt.exists()
+    fresh = R.run_eval(lm, _records(), "ft", cfg, tmp_path / "b", **kw)
+    assert fresh["resumed_edits"] == 0
+    assert resumed["delta_norms"] == fresh["delta_norms"] and resumed["metrics"] == fresh["metrics"]

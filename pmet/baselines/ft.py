@@ -11,6 +11,7 @@ shortcut for multi-token targets); here each target token is predicted at its ow
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..patch import EditResult
 from ..prompts import target_ids
 from ..requests import EditRequest
 from ..targets import TargetDiagnostics, Targets
+from .checkpoint import SequentialCheckpoint
 from .common import finish_sequential, single_layer
 
 STOP_LOSS = 1e-2
@@ -36,9 +38,10 @@ def _target_nll(model: PreTrainedModel, ids: torch.Tensor, n_prompt: int) -> tor
 
 
 def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest], config: PMETConfig,
-            *, model_name: str = "", progress: bool = True, fingerprint: str | None = None, **_: object
-            ) -> EditResult:
-    """Fine-tune for `requests` one after another (in place); returns the summed change as one EditResult."""
+            *, model_name: str = "", progress: bool = True, fingerprint: str | None = None,
+            checkpoint: str | os.PathLike | None = None, **_: object) -> EditResult:
+    """Fine-tune for `requests` one after another (in place); returns the summed change as one EditResult.
+    With `checkpoint` (a file), progress is saved there every minute and a rerun resumes from it (checkpoint.py)."""
     layout = layout_of(model)
     l = single_layer(config, "ft")
     fp = fingerprint or model_fingerprint(model)
@@ -49,13 +52,15 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
     frozen = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    diags = []
-    t0 = time.perf_counter()
+    saver = SequentialCheckpoint(checkpoint, requests)
+    state = saver.resume(W)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
+    t0 = time.perf_counter() - state.timings.get("update", 0.0)
     from tqdm.auto import tqdm
 
     try:
         W.requires_grad_(True)
-        for r in tqdm(requests, desc="ft-w", unit="edit", disable=not progress):
+        for r in tqdm(requests[state.done :], desc="ft-w", unit="edit", disable=not progress, initial=state.done,
+                      total=len(requests)):
             prompt = tuple(tok(r.text)["input_ids"])
             ids = torch.tensor(prompt + target_ids(tok, r.target_new), device=device)
             start = W.detach().clone()
@@ -73,9 +78,13 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
                     W.copy_(torch.maximum(torch.minimum(W, start + config.ft_norm_constraint),
                                           start - config.ft_norm_constraint))
             nll = float(loss.detach())
-            diags.append(TargetDiagnostics(nll=nll, kl=0.0, prob=float(np.exp(-nll)), steps=steps,
-                                           stop="loss" if steps < config.ft_num_steps else "budget",
-                                           delta_m_norm=0.0, delta_a_norm=0.0, init_m_norm=0.0, init_a_norm=0.0))
+            state.diagnostics.append(TargetDiagnostics(
+                nll=nll, kl=0.0, prob=float(np.exp(-nll)), steps=steps,
+                stop="loss" if steps < config.ft_num_steps else "budget",
+                delta_m_norm=0.0, delta_a_norm=0.0, init_m_norm=0.0, init_a_norm=0.0))
+            state.done += 1
+            state.timings = {"update": time.perf_counter() - t0}
+            saver.save(W, state, final=state.done == len(requests))
     finally:
         W.requires_grad_(False)
         for n, p in model.named_parameters():
@@ -85,7 +94,7 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
     d = W.shape[0] if not layout.spec.conv1d else W.shape[1]
     return EditResult(
         requests=list(requests), config=config, updates=[update], originals={f"{name}.weight": original},
-        targets=Targets(ffn=torch.zeros(0, d), attn=None, diagnostics=diags), context_templates=[["{}"]],
+        targets=Targets(ffn=torch.zeros(0, d), attn=None, diagnostics=state.diagnostics), context_templates=[["{}"]],
         fingerprint=fp, model_name=model_name, timings={"targets": 0.0, "update": time.perf_counter() - t0},
         stats={"source": "none (FT-W uses no statistics)"},
     )

@@ -26,6 +26,7 @@ from ..keys import Site, average_two_stage, key_rows, read_at_subject
 from ..patch import EditResult
 from ..requests import EditRequest
 from ..targets import Targets, compute_targets
+from .checkpoint import SequentialCheckpoint
 from .common import finish_sequential, single_layer
 
 
@@ -50,8 +51,10 @@ def edit_rome(
     model_name: str = "",
     progress: bool = True,
     fingerprint: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EditResult:
-    """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult."""
+    """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult.
+    With `checkpoint` (a file), progress is saved there every minute and a rerun resumes from it (checkpoint.py)."""
     layout = layout_of(model)
     l = single_layer(config, "rome")
     prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
@@ -60,11 +63,13 @@ def edit_rome(
     W = get_weight(model, name)
     original = W.detach().cpu().clone()
     key_site, value_site = Site(name, "in"), Site(layout.ffn_out(l), "out")
-    diags, v_all, residuals = [], [], []
-    t_targets = t_update = 0.0
+    saver = SequentialCheckpoint(checkpoint, requests)
+    state = saver.resume(W)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
+    t_targets, t_update = state.timings.get("targets", 0.0), state.timings.get("update", 0.0)
     from tqdm.auto import tqdm
 
-    for r in tqdm(requests, desc="rome", unit="edit", disable=not progress):
+    for r in tqdm(requests[state.done :], desc="rome", unit="edit", disable=not progress, initial=state.done,
+                  total=len(requests)):
         t = time.perf_counter()
         tg = compute_targets(model, tok, layout, [r], prep.templates, config)
         t_targets += time.perf_counter() - t
@@ -77,9 +82,13 @@ def edit_rome(
         with torch.no_grad():
             W.add_(as_linear(delta, layout.spec.conv1d).to(W.dtype))
         t_update += time.perf_counter() - t
-        diags += tg.diagnostics
-        v_all.append(tg.ffn)
-        residuals.append(float((tg.ffn[0] - current).norm()))
+        state.done += 1
+        state.diagnostics += tg.diagnostics
+        state.values.append(tg.ffn)
+        state.residuals.append(float((tg.ffn[0] - current).norm()))
+        state.timings = {"targets": t_targets, "update": t_update}
+        saver.save(W, state, final=state.done == len(requests))
+    diags, v_all, residuals = state.diagnostics, state.values, state.residuals
     update = finish_sequential(model, name, l, original, sum(residuals) / len(residuals))
     return EditResult(
         requests=list(requests), config=config, updates=[update], originals={f"{name}.weight": original},

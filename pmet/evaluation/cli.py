@@ -34,6 +34,8 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Rows per teacher-forced evaluation pass."),
     target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
                                       "config)."),
+    checkpoint: bool = typer.Option(True, help="ROME/FT-W: save the sequential edit's progress every minute (in "
+                                    "the cache) so that rerunning an interrupted run resumes it."),
     corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),
@@ -74,7 +76,8 @@ def eval_command(
         summary = run_eval(lm, records, method, cfg, out, label=name,
                            opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
                            cache_dir=cache_dir, corpus=corpus, progress=not quiet,
-                           extra={"data": str(data), "slice": slice_, "ablation": ablation, "settings": settings})
+                           extra={"data": str(data), "slice": slice_, "ablation": ablation, "settings": settings},
+                           checkpoint=checkpoint)
     except PmetError as e:
         fail(str(e))
         return

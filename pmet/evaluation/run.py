@@ -20,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..baselines.checkpoint import saved_edits
 from ..config import PMETConfig
 from ..fileio import atomic_write
-from ..methods import apply_method
+from ..methods import SEQUENTIAL, apply_method
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
@@ -52,6 +53,28 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     return results
 
 
+def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalRecord],
+                   context_templates: list[list[str]] | None, c0: dict | None, corpus: str | None,
+                   cache_dir: str | os.PathLike | None) -> Path:
+    """Where a sequential edit (ROME, FT-W) of these records keeps its progress: keyed by everything the edits
+    depend on (the unedited model, method, config, requests, given templates and C0, C0 corpus)."""
+    import torch
+
+    from ..models import cache_root
+
+    def digest(t: Any) -> str:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        return f"{t.dtype}{tuple(t.shape)}" + hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().tobytes(),
+                                                              digest_size=16).hexdigest()
+
+    key = hashlib.blake2b(json.dumps({
+        "fingerprint": fp, "method": method, "config": config.to_dict(), "templates": context_templates,
+        "c0": None if c0 is None else sorted((str(k), digest(v)) for k, v in c0.items()), "corpus": corpus,
+        "requests": [[r.request.subject, r.request.prompt, r.request.target_new] for r in records],
+    }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
+    return cache_root(cache_dir) / "sequential" / f"{method}-{key}.safetensors"
+
+
 def _diagnostics(result: Any) -> dict[str, float]:
     """Means over requests of what the target optimisation reached (empty for FT-W, which has no targets)."""
     diags = [d for d in result.targets.diagnostics if d.init_m_norm > 0]
@@ -66,9 +89,11 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
              label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
              c0: dict | None = None, context_templates: list[list[str]] | None = None,
-             progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool = True, extra: dict[str, Any] | None = None, checkpoint: bool = True
+             ) -> dict[str, Any]:
     """Evaluate, edit all `records` with `method`, evaluate again, write the outputs; returns the summary. The
-    model is reverted to its original weights (bit-exact) before returning."""
+    model is reverted to its original weights (bit-exact) before returning. With `checkpoint`, ROME and FT-W save
+    their progress in the cache until the outputs are written, and a rerun of the same run resumes from it."""
     opts = opts or EvalOptions()
     out = Path(out_dir)
     references = ReferenceTexts(opts.attribute_snippets, opts.tfidf_dir) \
@@ -82,11 +107,14 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     before = _unedited_results(lm, records, opts, references, cache_dir, progress, fp)
     timings["eval_unedited"] = time.perf_counter() - t
 
+    progress_file = _progress_file(fp, method, config, records, context_templates, c0, corpus, cache_dir) \
+        if checkpoint and method in SEQUENTIAL else None
+    resumed = saved_edits(progress_file) if progress_file and progress_file.exists() else 0
     t = time.perf_counter()
     result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
                           sequential_batches=sequential_batches, c0=c0, context_templates=context_templates,
                           corpus=corpus, cache_dir=cache_dir, model_name=lm.name, progress=progress,
-                          fingerprint=fp, target_cache=target_cache)
+                          fingerprint=fp, target_cache=target_cache, checkpoint=progress_file)
     timings["edit_total"] = time.perf_counter() - t
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     try:
@@ -112,7 +140,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         "delta_norms": result.delta_norms(), "target_stops": stops, "target_diagnostics": _diagnostics(result),
         "stream_check": result.stream_check,
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
-        **(extra or {}),
+        "resumed_edits": resumed, **(extra or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
 
@@ -127,4 +155,6 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table([summary]) + "\n"))
     atomic_write(out / "metrics.png", lambda tmp: plot_metrics(summary, tmp))
     atomic_write(out / "margins.png", lambda tmp: plot_margins(records, before, after, summary["method"], tmp))
+    if progress_file is not None:
+        progress_file.unlink(missing_ok=True)
     return summary
