@@ -43,7 +43,8 @@ def main(runs: Path) -> None:
         for s in runs_:
             t = s["timings"]
             stops = ", ".join(f"{k} {v}" for k, v in sorted(s.get("target_stops", {}).items()))
-            print(f"| {s['method']} | " + " | ".join(f"{t[k]:.0f} s" if k in t else "–" for k in STAGES)
+            resumed = f" (resumed after {s['resumed_edits']} edits)" if s.get("resumed_edits") else ""
+            print(f"| {s['method']}{resumed} | " + " | ".join(f"{t[k]:.0f} s" if k in t else "–" for k in STAGES)
                   + f" | {stops} |")
         print()
         print("| method | ‖Δ‖_F per edited matrix (layer: norm) |")
