@@ -96,6 +96,11 @@ class PMETConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"config field '{name}': {why}")
 
+        for f in dataclasses.fields(self):
+            why = type_error(f.name, getattr(self, f.name))
+            if why:
+                raise bad(f.name, why)
+
         if not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers):
             raise bad("layers", f"must be a non-empty list of layer indices, got {self.layers!r}")
         if sorted(set(self.layers)) != list(self.layers):
@@ -143,6 +148,28 @@ class PMETConfig:
         return from_dict({**self.to_dict(), **changes}, source="<replace>")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What each field's annotation admits, checked before any range check (YAML's `attn_delta: maybe` is a string).
+_TYPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", lambda v: _is_int(v) or isinstance(v, float)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[int]": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "int | None": ("an integer or null", lambda v: v is None or _is_int(v)),
+}
+
+
+def type_error(name: str, value: Any) -> str | None:
+    """Why `value` cannot be the config field `name` (by the field's annotation), or None if it can."""
+    kind, ok = _TYPE_CHECKS[PMETConfig.__dataclass_fields__[name].type]
+    return None if ok(value) else f"expected {kind}, got {value!r}"
+
+
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no-attn-delta": {"attn_delta": False},
     "update-attn": {"update_modules": ["ffn", "attn"]},
@@ -165,6 +192,15 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+def _numeric_string(key: str, value: Any) -> Any:
+    """A number field given as a string (YAML 1.1 reads "2e-1" as one; EasyEdit's files do this) as the number;
+    anything else unchanged. ValueError if the string is not a number."""
+    default = PMETConfig.__dataclass_fields__[key].default
+    if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
+        return float(value) if isinstance(default, float) else int(value)
+    return value
+
+
 def from_dict(data: dict[str, Any], *, source: str) -> PMETConfig:
     """Build a config from a dict in pmet's, MEMIT/PMET's or EasyEdit's vocabulary."""
     known = {f.name for f in dataclasses.fields(PMETConfig)}
@@ -175,14 +211,11 @@ def from_dict(data: dict[str, Any], *, source: str) -> PMETConfig:
             kwargs[key] = value
         elif key not in _IGNORED_KEYS:
             raise ConfigError(f"{source}: unknown config field '{key}'")
-    defaults = PMETConfig.__dataclass_fields__
-    for key, value in kwargs.items():  # YAML 1.1 reads "2e-1" as a string (EasyEdit's files do this)
-        default = defaults[key].default
-        if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
-            try:
-                kwargs[key] = type(default)(float(value)) if isinstance(default, float) else int(value)
-            except ValueError:
-                raise ConfigError(f"{source}: config field '{key}': expected a number, got {value!r}") from None
+    for key, value in kwargs.items():
+        try:
+            kwargs[key] = _numeric_string(key, value)
+        except ValueError:
+            raise ConfigError(f"{source}: config field '{key}': expected a number, got {value!r}") from None
     if kwargs.get("mom2_dataset") == "wikipedia":  # the reference's name for its Wikipedia sample
         kwargs["mom2_dataset"] = "auto"
     try:
@@ -244,10 +277,17 @@ def parse_overrides(items: list[str] | tuple[str, ...], *, option: str = "--set"
             raise ConfigError(f"{option} {item!r}: expected FIELD=VALUE, e.g. {option} mom2_update_weight=5000")
         if key not in known:
             raise ConfigError(f"{option} {item!r}: unknown config field '{key}'")
+        key = _RENAMED_KEYS.get(key, key)
         try:
-            overrides[_RENAMED_KEYS.get(key, key)] = yaml.safe_load(text)
+            value = _numeric_string(key, yaml.safe_load(text))
         except yaml.YAMLError:
             raise ConfigError(f"{option} {item!r}: value is not valid YAML") from None
+        except ValueError:
+            value = text  # reported just below as not a number
+        why = type_error(key, value)
+        if why:
+            raise ConfigError(f"{option} {item!r}: config field '{key}': {why}")
+        overrides[key] = value
     return overrides
 
 

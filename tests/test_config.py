@@ -102,6 +102,13 @@ def test_bad_config_values(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_config("no-such-preset")
+    for text, needle in [("layers: 3\n", "'layers': expected a list of integers, got 3"),
+                         ("layers: [3]\nattn_delta: maybe\n", "'attn_delta': expected true or false"),
+                         ("layers: [3]\nv_num_grad_steps: 2.5\n", "'v_num_grad_steps': expected an integer"),
+                         ("layers: [3]\nupdate_modules: ffn\n", "'update_modules': expected a list of strings")]:
+        p.write_text(text)  # wrong types are named, not crashed on or silently taken (a string is truthy)
+        with pytest.raises(ConfigError, match=needle):
+            load_config(str(p))
     p.write_text("layers: [3]\npost_norm_residual: preimage\n")  # a MEMIT option, refused for PMET
     with pytest.raises(ConfigError, match="'post_norm_residual'.*MEMIT"):
         load_config(str(p))
@@ -123,8 +130,12 @@ def test_set_overrides_are_typed_and_applied_last():
                        post_norm_residual=base.post_norm_residual) == base  # and nothing else changed
     # --set wins over an ablation's option passed the way the CLI passes it
     assert load_config("gpt-j-6b", settings={"spread": "sqrt"}, **ABLATIONS["even-spread"]).spread == "sqrt"
+    assert parse_overrides(["v_lr=2e-1"]) == {"v_lr": 0.2}  # YAML 1.1 reads 2e-1 as a string; files get the same
     for item, needle in [("layers", "expected FIELD=VALUE"), ("=3", "expected FIELD=VALUE"),
-                         ("speed=fast", "unknown config field 'speed'"), ("layers=[3", "not valid YAML")]:
+                         ("speed=fast", "unknown config field 'speed'"), ("layers=[3", "not valid YAML"),
+                         ("layers=3", "'layers': expected a list of integers"),
+                         ("attn_delta=maybe", "'attn_delta': expected true or false"),
+                         ("v_lr=fast", "'v_lr': expected a number, got 'fast'")]:
         with pytest.raises(ConfigError, match=needle):
             parse_overrides([item])
     with pytest.raises(ConfigError, match="'post_norm_residual'.*MEMIT"):  # validated like a file's value
