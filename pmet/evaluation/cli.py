@@ -84,4 +84,6 @@ def eval_command(
     out_console.print(markdown_table([summary]))
     t = summary["timings"]
     out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    if summary.get("resumed_edits"):
+        out_console.print(f"resumed an interrupted run after {summary['resumed_edits']} of {summary['n']} edits")
     out_console.print(f"written to {out}/ (records.jsonl, summary.json, summary.md, metrics.png, margins.png)")
