@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .baselines.checkpoint import SequentialCheckpoint, SequentialState
 from .baselines.common import finish_sequential
 from .config import METHODS, PMETConfig
 from .errors import ConfigError
 from .patch import EditResult
 from .requests import EditRequest
 from .targets import Targets
+from .update import LayerUpdate
 
 SEQUENTIAL = ("rome", "ft")
 
@@ -46,7 +49,8 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
                  fingerprint: str | None = None, target_cache: bool = False,
                  checkpoint: str | os.PathLike | None = None) -> EditResult:
     """Edit `model` in place with `method`; see the module docstring for the batch semantics. `checkpoint` (ROME,
-    FT-W only): a file where the sequential edit saves its progress and from which a rerun resumes."""
+    FT-W, `sequential_batches`): a file where the sequential edit saves its progress and from which a rerun
+    resumes (baselines/checkpoint.py)."""
     run = _editor(method)
     kwargs = dict(c0=c0, context_templates=context_templates, corpus=corpus, cache_dir=cache_dir,
                   model_name=model_name, progress=progress)
@@ -61,16 +65,41 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
 
     prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
                    cache_dir=cache_dir, progress=progress, fingerprint=fingerprint)
-    results = [
-        run(model, tok, requests[i : i + sequential_batches], config, target_cache=target_cache,
-            fingerprint=prep.fingerprint if i == 0 else None,
-            **{**kwargs, "c0": prep.c0, "context_templates": prep.templates})
-        for i in range(0, len(requests), sequential_batches)
-    ]
+    kwargs = {**kwargs, "c0": prep.c0, "context_templates": prep.templates}
+    saver = SequentialCheckpoint(checkpoint, requests)
+    state = saver.resume(model)  # the batches before `done`, as saved (the model then holds their edits)
+    results = [_resumed_batches(state, requests, config, prep, model_name)] if state.done else []
+    for i in range(state.done, len(requests), sequential_batches):
+        res = run(model, tok, requests[i : i + sequential_batches], config, target_cache=target_cache,
+                  fingerprint=prep.fingerprint if i == 0 else None, **kwargs)
+        results.append(res)
+        state.done = i + len(res.requests)
+        state.updates = [[u.weight, u.layer, u.component, u.residual_norm] for u in results[0].updates]
+        state.diagnostics += res.targets.diagnostics
+        state.values.append(res.targets.ffn)
+        if res.targets.attn is not None:
+            state.attn_values.append(res.targets.attn)
+        state.timings = {k: state.timings.get(k, 0.0) + v for k, v in res.timings.items()}
+        saver.save(model, [u[0] for u in state.updates], state, final=state.done == len(requests))
     merged = merge_sequential(model, results)
     merged.timings.update({k: merged.timings.get(k, 0.0) + v for k, v in prep.timings.items()})
     merged.stats = prep.stats
     return merged
+
+
+def _resumed_batches(state: SequentialState, requests: list[EditRequest], config: PMETConfig, prep: Any,
+                     model_name: str) -> EditResult:
+    """The saved first `state.done` requests of a sequential-batches run as one EditResult for merge_sequential
+    (which reads each matrix's name, layer, component and residual norm, the originals and the targets)."""
+    return EditResult(
+        requests=requests[: state.done], config=config,
+        updates=[LayerUpdate(w, int(l), c, torch.empty(0), float(r)) for w, l, c, r in state.updates],
+        originals=state.originals,
+        targets=Targets(ffn=torch.cat(state.values), attn=torch.cat(state.attn_values) if state.attn_values else None,
+                        diagnostics=list(state.diagnostics)),
+        context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=model_name,
+        timings=dict(state.timings), stats=prep.stats,
+    )
 
 
 def merge_sequential(model: PreTrainedModel, results: list[EditResult]) -> EditResult:

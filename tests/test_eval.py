@@ -280,69 +280,78 @@ def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeyp
                                                                    "summary.json", "summary.md"]
 
 
-@pytest.mark.parametrize("method", ["rome", "ft"])
+@pytest.mark.parametrize("method", ["rome", "ft", "pmet-batches"])
 def test_interrupted_sequential_edit_resumes_exactly(tmp_path, monkeypatch, method):
-    """A ROME/FT-W run killed after 2 of 3 edits, rerun with the same checkpoint, ends with the uninterrupted
-    run's Δ and diagnostics, bit for bit, and redoes only the third edit."""
+    """A ROME/FT-W run (or PMET in sequential batches of 1) killed after 2 of 3 edits, rerun with the same
+    checkpoint, ends with the uninterrupted run's Δ, targets and diagnostics, bit for bit, redoing only the third."""
+    from pmet import editor as editor_mod
     from pmet.baselines import checkpoint as C
     from pmet.baselines import ft as ft_mod
     from pmet.baselines import rome as rome_mod
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = cfg_for(layers=[1], attn_delta=False, stop_rule="loss") if method == "rome" else \
-        PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)
-    kw = dict(c0=identity_c0(model, [1]), context_templates=TEMPLATES, progress=False)
-    # count the work: ROME's target optimisations, FT-W's forward passes
-    mod, fn = (rome_mod, "compute_targets") if method == "rome" else (ft_mod, "_target_nll")
+    layers = [1, 2] if method == "pmet-batches" else [1]
+    cfg = {"rome": cfg_for(layers=[1], attn_delta=False, stop_rule="loss"), "pmet-batches": cfg_for(),
+           "ft": PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)}[method]
+    name = method.removesuffix("-batches")
+    kw = dict(c0=identity_c0(model, layers), context_templates=TEMPLATES, progress=False,
+              sequential_batches=1 if method == "pmet-batches" else None)
+    # count the work: target optimisations (ROME, PMET), FT-W's forward passes
+    mod, fn = {"rome": (rome_mod, "compute_targets"), "ft": (ft_mod, "_target_nll"),
+               "pmet-batches": (editor_mod, "compute_targets")}[method]
     real_work, work = getattr(mod, fn), []
     monkeypatch.setattr(mod, fn, lambda *a, **k: work.append(1) or real_work(*a, **k))
-    ref = apply_method(method, model, tok, REQUESTS, cfg, **kw)
+    ref = apply_method(name, model, tok, REQUESTS, cfg, **kw)
     ref.revert(model)
     work_all = len(work)
 
     monkeypatch.setattr(C, "SAVE_EVERY_S", 0.0)
-    real_save, saves = C.SequentialCheckpoint.save, []
+    real_save = C.SequentialCheckpoint.save
 
-    def killed_after_two(self, W, state, final=False):
-        real_save(self, W, state, final=final)
-        saves.append(state.done)
+    def killed_after_two(self, model_, names, state, final=False):
+        real_save(self, model_, names, state, final=final)
         if state.done == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(C.SequentialCheckpoint, "save", killed_after_two)
     ckpt = tmp_path / "progress.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        apply_method(method, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
+        apply_method(name, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
     assert C.saved_edits(ckpt) == 2
     model.load_state_dict(before)  # a fresh process: the unedited model again
 
     monkeypatch.setattr(C.SequentialCheckpoint, "save", real_save)
     work.clear()
-    res = apply_method(method, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
-    assert torch.equal(res.updates[0].delta, ref.updates[0].delta)
-    assert res.diagnostics() == ref.diagnostics()
+    res = apply_method(name, model, tok, REQUESTS, cfg, checkpoint=ckpt, **kw)
+    assert [u.weight for u in res.updates] == [u.weight for u in ref.updates]
+    assert all(torch.equal(a.delta, b.delta) for a, b in zip(res.updates, ref.updates, strict=True))
+    assert res.diagnostics() == ref.diagnostics() and torch.equal(res.targets.ffn, ref.targets.ffn)
     assert 0 < len(work) < work_all  # only the third edit was redone
-    if method == "rome":
-        assert len(work) == 1 and torch.equal(res.targets.ffn, ref.targets.ffn)
+    if method != "ft":
+        assert len(work) == 1
+    edited = {k: v.clone() for k, v in model.state_dict().items()}
     res.revert(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    res.apply(model)  # the resumed run's patch is as exact as any
+    assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
+    res.revert(model)
     # the same file offered to other requests is not resumed from
-    W = get_weight(model, layout_of(model).edited_module(1, "ffn"))
-    w0 = W.clone()
-    assert C.SequentialCheckpoint(ckpt, REQUESTS[::-1]).resume(W).done == 0 and torch.equal(W, w0)
+    assert C.SequentialCheckpoint(ckpt, REQUESTS[::-1]).resume(model).done == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, batches", [("ft", None), ("pmet", 1)])
+def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path, monkeypatch, method, batches):
     from types import SimpleNamespace
 
     from pmet.evaluation import run as R
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     lm = SimpleNamespace(model=model, tok=tok, name="tiny-llama")
-    cfg = PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)
+    cfg = PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3) if method == "ft" else cfg_for()
     kw = dict(opts=EvalOptions(generation=False), cache_dir=tmp_path / "cache", progress=False,
-              context_templates=TEMPLATES)
+              context_templates=TEMPLATES, sequential_batches=batches, c0=identity_c0(model, cfg.layers))
     real = R.evaluate_records
 
     def dies_in_the_edited_evaluation(*args, **kwargs):
@@ -352,12 +361,12 @@ def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path,
 
     monkeypatch.setattr(R, "evaluate_records", dies_in_the_edited_evaluation)
     with pytest.raises(KeyboardInterrupt):
-        R.run_eval(lm, _records(), "ft", cfg, tmp_path / "a", **kw)
+        R.run_eval(lm, _records(), method, cfg, tmp_path / "a", **kw)
     assert not (tmp_path / "a").exists()
     [ckpt] = (tmp_path / "cache" / "sequential").iterdir()
     monkeypatch.setattr(R, "evaluate_records", real)
-    resumed = R.run_eval(lm, _records(), "ft", cfg, tmp_path / "a", **kw)
+    resumed = R.run_eval(lm, _records(), method, cfg, tmp_path / "a", **kw)
     assert resumed["resumed_edits"] == len(_records()) and not ckpt.exists()
-    fresh = R.run_eval(lm, _records(), "ft", cfg, tmp_path / "b", **kw)
+    fresh = R.run_eval(lm, _records(), method, cfg, tmp_path / "b", **kw)
     assert fresh["resumed_edits"] == 0
     assert resumed["delta_norms"] == fresh["delta_norms"] and resumed["metrics"] == fresh["metrics"]

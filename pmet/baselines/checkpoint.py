@@ -1,10 +1,12 @@
-"""Crash-safe progress of a sequential edit (ROME, FT-W), so that an interrupted run resumes where it stopped.
+"""Crash-safe progress of a sequential edit (ROME, FT-W, `--sequential-batches`), so that an interrupted run
+resumes where it stopped.
 
-One safetensors file holds the edited matrix as it is after the first `done` edits, each finished edit's target
-value, and (as JSON metadata) their diagnostics, residual norms, the time spent so far and a digest of the
-requests edited. Each edit depends only on the model as edited so far and on its request, so resuming from the
-saved matrix continues exactly as the uninterrupted run would have (tests/test_eval.py checks bit-equality).
-Written atomically, at most every SAVE_EVERY_S seconds and after the last edit; nothing is unpickled.
+One safetensors file holds the edited matrices as they are after the first `done` edits, the target values found
+so far, and (as JSON metadata) their diagnostics, residual norms, the time spent so far, which matrices are
+edited and a digest of the requests edited. Each edit (or batch) depends only on the model as edited so far and
+on its requests, so resuming from the saved matrices continues exactly as the uninterrupted run would have
+(tests/test_eval.py checks bit-equality). Written atomically, at most every SAVE_EVERY_S seconds and after the
+last edit; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
+from ..arch import get_weight
 from ..fileio import atomic_write
 from ..requests import EditRequest
 from ..targets import TargetDiagnostics
@@ -39,13 +43,20 @@ class SequentialState:
 
     done: int = 0
     diagnostics: list[TargetDiagnostics] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)  # one (1, d) target value per edit (ROME)
-    residuals: list[float] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)  # target values (n_i, d), per edit or batch, in order
+    attn_values: list[torch.Tensor] = field(default_factory=list)  # PMET's a0 + δa per batch (if any)
+    residuals: list[float] = field(default_factory=list)  # ROME: ‖v − W k‖ per edit
     timings: dict[str, float] = field(default_factory=dict)
+    updates: list[list] = field(default_factory=list)  # [weight, layer, component, residual_norm] per matrix
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> W_0 (filled by resume)
+
+
+def _weight(model: PreTrainedModel, name: str) -> torch.Tensor:
+    return get_weight(model, name.removesuffix(".weight"))
 
 
 class SequentialCheckpoint:
-    """Load and save a SequentialState with the edited matrix `W`; `path=None` does nothing."""
+    """Load and save a SequentialState with the edited matrices of `model`; `path=None` does nothing."""
 
     def __init__(self, path: str | os.PathLike | None, requests: list[EditRequest],
                  every_s: float | None = None) -> None:
@@ -54,41 +65,52 @@ class SequentialCheckpoint:
         self.every_s = SAVE_EVERY_S if every_s is None else every_s
         self._saved_at = time.monotonic()
 
-    def resume(self, W: torch.Tensor) -> SequentialState:
-        """The saved state if the file exists and belongs to these requests and this matrix (then W holds the
-        saved matrix); else a fresh state (W untouched)."""
+    def resume(self, model: PreTrainedModel) -> SequentialState:
+        """The saved state if the file exists and belongs to these requests and this model's matrices: then the
+        model holds the saved matrices and `state.originals` the ones it held before. Else a fresh state (the
+        model untouched)."""
         if self.path is None or not self.path.exists():
             return SequentialState()
         try:
             with safe_open(self.path, "pt") as f:
                 meta = json.loads(f.metadata()["state"])
-                weight = f.get_tensor("weight")
-                names = set(f.keys())
-                values = f.get_tensor("values") if "values" in names else None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __contains__)
             done = int(meta["done"])
+            saved = {k.removeprefix("weight/"): v for k, v in tensors.items() if k.startswith("weight/")}
+            current = {name: _weight(model, name) for name in saved}
             ok = (0 < done <= len(self.requests) and meta["requests"] == requests_digest(self.requests[:done])
-                  and tuple(weight.shape) == tuple(W.shape))
-            diags = [TargetDiagnostics(**d) for d in meta["diagnostics"]]
-        except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+                  and bool(saved) and all(saved[n].shape == current[n].shape for n in saved))
+            state = SequentialState(
+                done, [TargetDiagnostics(**d) for d in meta["diagnostics"]],
+                residuals=[float(x) for x in meta["residuals"]],
+                timings={k: float(v) for k, v in meta["timings"].items()}, updates=meta["updates"])
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError, AttributeError):
             return SequentialState()  # unreadable or another run's: start afresh (the file is overwritten)
         if not ok:
             return SequentialState()
+        device = next(iter(current.values())).device
+        for key, rows in (("values", state.values), ("attn_values", state.attn_values)):
+            if key in tensors:  # the rows so far as one part (they are only ever concatenated)
+                rows.append(tensors[key].to(device))
         with torch.no_grad():
-            W.copy_(weight.to(W.device, W.dtype))
-        rows = [] if values is None else list(values.to(W.device).split(1))
-        return SequentialState(done, diags, rows, [float(x) for x in meta["residuals"]],
-                               {k: float(v) for k, v in meta["timings"].items()})
+            for name, W in current.items():
+                state.originals[name] = W.detach().cpu().clone()
+                W.copy_(saved[name].to(W.device, W.dtype))
+        return state
 
-    def save(self, W: torch.Tensor, state: SequentialState, *, final: bool = False) -> None:
-        """Write `state` and W (atomically) if `every_s` seconds have passed since the last write, or if `final`."""
+    def save(self, model: PreTrainedModel, names: list[str], state: SequentialState, *, final: bool = False
+             ) -> None:
+        """Write `state` and the matrices `names` (atomically) if `every_s` seconds have passed since the last
+        write, or if `final`."""
         if self.path is None or (not final and time.monotonic() - self._saved_at < self.every_s):
             return
-        tensors = {"weight": W.detach().cpu().contiguous()}
-        if state.values:
-            tensors["values"] = torch.cat(state.values).float().cpu().contiguous()
+        tensors = {f"weight/{n}": _weight(model, n).detach().cpu().contiguous() for n in names}
         meta = {"done": state.done, "requests": requests_digest(self.requests[: state.done]),
                 "diagnostics": [d.to_dict() for d in state.diagnostics], "residuals": state.residuals,
-                "timings": state.timings}
+                "timings": state.timings, "updates": state.updates}
+        for key, rows in (("values", state.values), ("attn_values", state.attn_values)):
+            if rows:
+                tensors[key] = torch.cat(rows).float().cpu().contiguous()
         atomic_write(self.path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
         self._saved_at = time.monotonic()
 

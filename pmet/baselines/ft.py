@@ -53,7 +53,7 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
     for p in model.parameters():
         p.requires_grad_(False)
     saver = SequentialCheckpoint(checkpoint, requests)
-    state = saver.resume(W)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
+    state = saver.resume(model)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
     t0 = time.perf_counter() - state.timings.get("update", 0.0)
     from tqdm.auto import tqdm
 
@@ -84,7 +84,7 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
                 delta_m_norm=0.0, delta_a_norm=0.0, init_m_norm=0.0, init_a_norm=0.0))
             state.done += 1
             state.timings = {"update": time.perf_counter() - t0}
-            saver.save(W, state, final=state.done == len(requests))
+            saver.save(model, [f"{name}.weight"], state, final=state.done == len(requests))
     finally:
         W.requires_grad_(False)
         for n, p in model.named_parameters():

@@ -64,7 +64,7 @@ def edit_rome(
     original = W.detach().cpu().clone()
     key_site, value_site = Site(name, "in"), Site(layout.ffn_out(l), "out")
     saver = SequentialCheckpoint(checkpoint, requests)
-    state = saver.resume(W)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
+    state = saver.resume(model)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
     t_targets, t_update = state.timings.get("targets", 0.0), state.timings.get("update", 0.0)
     from tqdm.auto import tqdm
 
@@ -87,7 +87,7 @@ def edit_rome(
         state.values.append(tg.ffn)
         state.residuals.append(float((tg.ffn[0] - current).norm()))
         state.timings = {"targets": t_targets, "update": t_update}
-        saver.save(W, state, final=state.done == len(requests))
+        saver.save(model, [f"{name}.weight"], state, final=state.done == len(requests))
     diags, v_all, residuals = state.diagnostics, state.values, state.residuals
     update = finish_sequential(model, name, l, original, sum(residuals) / len(residuals))
     return EditResult(

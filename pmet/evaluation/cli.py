@@ -34,8 +34,8 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Rows per teacher-forced evaluation pass."),
     target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
                                       "config)."),
-    checkpoint: bool = typer.Option(True, help="ROME/FT-W: save the sequential edit's progress every minute (in "
-                                    "the cache) so that rerunning an interrupted run resumes it."),
+    checkpoint: bool = typer.Option(True, help="ROME, FT-W, --sequential-batches: save the edit's progress every "
+                                    "minute (in the cache) so that rerunning an interrupted run resumes it."),
     corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),

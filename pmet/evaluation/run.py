@@ -54,10 +54,11 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
 
 
 def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalRecord],
-                   context_templates: list[list[str]] | None, c0: dict | None, corpus: str | None,
-                   cache_dir: str | os.PathLike | None) -> Path:
-    """Where a sequential edit (ROME, FT-W) of these records keeps its progress: keyed by everything the edits
-    depend on (the unedited model, method, config, requests, given templates and C0, C0 corpus)."""
+                   sequential_batches: int | None, context_templates: list[list[str]] | None, c0: dict | None,
+                   corpus: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    """Where a sequential edit (ROME, FT-W, sequential batches) of these records keeps its progress: keyed by
+    everything the edits depend on (the unedited model, method, config, requests, batch size, given templates
+    and C0, C0 corpus)."""
     import torch
 
     from ..models import cache_root
@@ -69,6 +70,7 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
 
     key = hashlib.blake2b(json.dumps({
         "fingerprint": fp, "method": method, "config": config.to_dict(), "templates": context_templates,
+        "sequential_batches": None if method in SEQUENTIAL else sequential_batches,
         "c0": None if c0 is None else sorted((str(k), digest(v)) for k, v in c0.items()), "corpus": corpus,
         "requests": [[r.request.subject, r.request.prompt, r.request.target_new] for r in records],
     }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
@@ -92,8 +94,9 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
              progress: bool = True, extra: dict[str, Any] | None = None, checkpoint: bool = True
              ) -> dict[str, Any]:
     """Evaluate, edit all `records` with `method`, evaluate again, write the outputs; returns the summary. The
-    model is reverted to its original weights (bit-exact) before returning. With `checkpoint`, ROME and FT-W save
-    their progress in the cache until the outputs are written, and a rerun of the same run resumes from it."""
+    model is reverted to its original weights (bit-exact) before returning. With `checkpoint`, ROME, FT-W and
+    sequential batches save their progress in the cache until the outputs are written, and a rerun of the same
+    run resumes from it."""
     opts = opts or EvalOptions()
     out = Path(out_dir)
     references = ReferenceTexts(opts.attribute_snippets, opts.tfidf_dir) \
@@ -107,8 +110,9 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     before = _unedited_results(lm, records, opts, references, cache_dir, progress, fp)
     timings["eval_unedited"] = time.perf_counter() - t
 
-    progress_file = _progress_file(fp, method, config, records, context_templates, c0, corpus, cache_dir) \
-        if checkpoint and method in SEQUENTIAL else None
+    sequential = method in SEQUENTIAL or bool(sequential_batches and sequential_batches < len(records))
+    progress_file = _progress_file(fp, method, config, records, sequential_batches, context_templates, c0, corpus,
+                                   cache_dir) if checkpoint and sequential else None
     resumed = saved_edits(progress_file) if progress_file and progress_file.exists() else 0
     t = time.perf_counter()
     result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
