@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..baselines.checkpoint import saved_edits
+from ..baselines.checkpoint import requests_digest, saved_edits
 from ..config import PMETConfig
 from ..fileio import atomic_write
 from ..methods import SEQUENTIAL, apply_method
@@ -62,17 +62,17 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
     import torch
 
     from ..models import cache_root
+    from ..patch import tensor_sha256
 
     def digest(t: Any) -> str:
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        return f"{t.dtype}{tuple(t.shape)}" + hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().tobytes(),
-                                                              digest_size=16).hexdigest()
+        t = torch.as_tensor(t)
+        return f"{t.dtype}{tuple(t.shape)}{tensor_sha256(t)}"
 
     key = hashlib.blake2b(json.dumps({
         "fingerprint": fp, "method": method, "config": config.to_dict(), "templates": context_templates,
         "sequential_batches": None if method in SEQUENTIAL else sequential_batches,
         "c0": None if c0 is None else sorted((str(k), digest(v)) for k, v in c0.items()), "corpus": corpus,
-        "requests": [[r.request.subject, r.request.prompt, r.request.target_new] for r in records],
+        "requests": requests_digest([r.request for r in records]),
     }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
     return cache_root(cache_dir) / "sequential" / f"{method}-{key}.safetensors"
 
@@ -113,7 +113,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     sequential = method in SEQUENTIAL or bool(sequential_batches and sequential_batches < len(records))
     progress_file = _progress_file(fp, method, config, records, sequential_batches, context_templates, c0, corpus,
                                    cache_dir) if checkpoint and sequential else None
-    resumed = saved_edits(progress_file) if progress_file and progress_file.exists() else 0
+    resumed = saved_edits(progress_file) if progress_file else 0  # 0 when there is no file
     t = time.perf_counter()
     result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
                           sequential_batches=sequential_batches, c0=c0, context_templates=context_templates,
