@@ -12,8 +12,9 @@ no longer apply:
 1. Devices: EasyEdit hard-codes "cuda", "cuda:0", "cuda:1", f"cuda:{hparams.device}"; they become the model's
    device, so that the check runs on a CPU.
 2. Decoder-layer outputs: compute_z(s) read `.output[0]` (and MEMIT's edit hook `cur_out[0][...]`) of a decoder
-   layer, a tuple in the transformers versions EasyEdit was written for; transformers >= 4.54 returns the hidden
-   states as a tensor there, where `[0]` would silently take the first prompt. `[0]` is taken only from a tuple.
+   layer, a tuple in the transformers versions EasyEdit was written for; the transformers 5 used here returns the
+   hidden states as a tensor, where `[0]` takes the first prompt's states and the code then fails on shapes
+   (EasyEdit does not run unshimmed on it). `[0]` is taken only from a tuple.
 3. Inputs: `get_context_templates` gets ours (CONTEXT_TEMPLATES_CACHE is filled, generate_fast never runs) and
    `get_cov` ours (COV_CACHE is filled with our C0, layer_stats never runs); `rome.layer_stats`,
    `util.generate` and `util.globals` are empty stand-ins.
