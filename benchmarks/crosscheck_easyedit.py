@@ -153,11 +153,60 @@ PUBLISHED = {  # the structure each side's defaults give; the check covers these
 }
 
 
+def run_easyedit(main_mod: types.ModuleType, method: str, model, tok, requests, cfg, layout, prep, log_file):
+    """EasyEdit's execute_<method> on our inputs. Returns its Δ per weight name, its target vectors
+    ({"ffn": [...], "attn": [...]}), its Adam steps per request and the seconds it took."""
+    pmet_side = method == "pmet"
+    hp = hparams_from(main_mod, method, cfg, layout, model)
+    if not hasattr(model.config, "n_embd"):  # compute_zs sizes δ by n_embd unless the model path says llama/neo
+        model.config.n_embd = model.config.hidden_size
+    main_mod.CONTEXT_TEMPLATES_CACHE = prep.templates
+    model_key = model.config._name_or_path.replace("/", "_")
+    for l in cfg.layers:
+        main_mod.COV_CACHE[(model_key, hp.rewrite_module_tmp.format(l))] = prep.c0[(l, "ffn")].float().cpu()
+    targets: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
+    compute = main_mod.compute_zs if pmet_side else main_mod.compute_z
+
+    def recording(*a, **k):  # EasyEdit's target vectors, as its main module receives them
+        out = compute(*a, **k)
+        v_attn, v_ffn = out if pmet_side else (None, out)
+        targets["ffn"].append(v_ffn.detach().float().cpu())
+        if v_attn is not None:
+            targets["attn"].append(v_attn.detach().float().cpu())
+        return out
+
+    setattr(main_mod, compute.__name__, recording)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ee_requests = [{"prompt": r.prompt, "subject": r.subject, "target_new": " " + r.target_new.strip(),
+                    "case_id": r.case_id} for r in requests]
+    before = {f"{hp.rewrite_module_tmp.format(l)}.weight": get_weight(model, hp.rewrite_module_tmp.format(l))
+              .detach().clone() for l in cfg.layers}
+    log = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        deltas = (main_mod.execute_pmet if pmet_side else main_mod.execute_memit)(model, tok, ee_requests, hp)
+    seconds = time.perf_counter() - t
+    if log_file:
+        log_file.write_text(log.getvalue(), encoding="utf-8")
+    if not pmet_side:  # MEMIT returns (adj_k, resid) per matrix; Δ = resid adj_kᵀ in the weight's layout
+        deltas = {n: main_mod.upd_matrix_match_shape(r @ k.T, before[n].shape) for n, (k, r) in deltas.items()}
+    for n, w in before.items():  # EasyEdit restores the weights; check it did
+        if not torch.equal(get_weight(model, n.removesuffix(".weight")), w):
+            sys.exit(f"error: EasyEdit left {n} changed")
+    # EasyEdit prints a loss line per forward pass; the last pass takes no step
+    blocks = log.getvalue().split("Computing right vector")[1:]
+    steps = [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
+    return {n: d.detach().float().cpu() for n, d in deltas.items()}, targets, steps, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--easyedit", required=True, type=Path, help="EasyEdit checkout (the folder holding easyeditor/)")
     ap.add_argument("--method", choices=sorted(MODULES), default="pmet")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--config", default=None, help="preset name or YAML file (default: the model's preset)")
     ap.add_argument("--requests", type=int, default=4, help="first N CounterFact test-slice records")
     ap.add_argument("--data", type=Path,
                     default=DATA / "counterfact_rome_subsets" / "counterfact_rome_format_subset.json")
@@ -171,7 +220,9 @@ def main() -> None:
     lm = load_model(args.model, dtype="float32", device=args.device)
     model, tok = lm.model, lm.tok
     layout = layout_of(model)
-    cfg = load_config(lm.preset or "smollm2-135m", args.method, settings=parse_overrides(args.set))
+    if not (args.config or lm.preset):
+        sys.exit(f"error: no preset for {args.model}; pass --config")
+    cfg = load_config(args.config or lm.preset, args.method, settings=parse_overrides(args.set))
     off = [f"{k}={getattr(cfg, k)!r}" for k, v in PUBLISHED[args.method].items() if getattr(cfg, k) != v]
     if off:
         sys.exit(f"error: the cross-check covers {args.method} as published; the config has {', '.join(off)}")
@@ -180,50 +231,8 @@ def main() -> None:
     device = next(model.parameters()).device
 
     main_mod = load_easyedit(args.easyedit.resolve(), args.method, device)
-    hp = hparams_from(main_mod, args.method, cfg, layout, model)
-    if not hasattr(model.config, "n_embd"):  # compute_zs sizes δ by n_embd unless the model path says llama/neo
-        model.config.n_embd = model.config.hidden_size
-    main_mod.CONTEXT_TEMPLATES_CACHE = prep.templates
-    model_key = model.config._name_or_path.replace("/", "_")
-    for l in cfg.layers:
-        main_mod.COV_CACHE[(model_key, hp.rewrite_module_tmp.format(l))] = prep.c0[(l, "ffn")].float().cpu()
-    theirs_v: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
-    compute = main_mod.compute_zs if pmet_side else main_mod.compute_z
-
-    def recording(*a, **k):  # EasyEdit's target vectors, as its main module receives them
-        out = compute(*a, **k)
-        v_attn, v_ffn = out if pmet_side else (None, out)
-        theirs_v["ffn"].append(v_ffn.detach().float().cpu())
-        if v_attn is not None:
-            theirs_v["attn"].append(v_attn.detach().float().cpu())
-        return out
-
-    setattr(main_mod, compute.__name__, recording)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    ee_requests = [{"prompt": r.prompt, "subject": r.subject, "target_new": " " + r.target_new.strip(),
-                    "case_id": r.case_id} for r in requests]
-    before = {n: get_weight(model, n.removesuffix(".weight")).detach().clone()
-              for n in (f"{hp.rewrite_module_tmp.format(l)}.weight" for l in cfg.layers)}
-    log = io.StringIO()
-    t = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        execute = main_mod.execute_pmet if pmet_side else main_mod.execute_memit
-        deltas = execute(model, tok, ee_requests, hp)
-    t_theirs = time.perf_counter() - t
-    if not pmet_side:  # MEMIT returns (adj_k, resid) per matrix; Δ = resid adj_kᵀ in the weight's layout
-        deltas = {n: main_mod.upd_matrix_match_shape(r @ k.T, before[n].shape) for n, (k, r) in deltas.items()}
-    theirs = {n: d.detach().float().cpu() for n, d in deltas.items()}
-    if args.log:
-        args.log.write_text(log.getvalue(), encoding="utf-8")
-    for n, w in before.items():  # EasyEdit restores the weights; check it did
-        if not torch.equal(get_weight(model, n.removesuffix(".weight")), w):
-            sys.exit(f"error: EasyEdit left {n} changed")
-    # EasyEdit prints a loss line per forward pass; the last pass takes no step
-    blocks = log.getvalue().split("Computing right vector")[1:]
-    steps_theirs = [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
-
+    theirs, theirs_v, steps_theirs, t_theirs = run_easyedit(main_mod, args.method, model, tok, requests, cfg,
+                                                            layout, prep, args.log)
     t = time.perf_counter()
     ours = edit(model, tok, requests, cfg, c0=prep.c0, context_templates=prep.templates, progress=False,
                 fingerprint=prep.fingerprint)
@@ -231,10 +240,8 @@ def main() -> None:
     ours.revert(model)
     given = Targets(ffn=torch.stack(theirs_v["ffn"]).to(device),
                     attn=torch.stack(theirs_v["attn"]).to(device) if pmet_side else None)
+    # our update on their targets (edits the model; its last use)
     on_theirs, _ = insert(model, tok, layout, requests, prep.templates, given, prep.c0, cfg)
-    with torch.no_grad():
-        for n, w in before.items():
-            get_weight(model, n.removesuffix(".weight")).copy_(w)
 
     print(f"{args.method}, model {args.model}, {len(requests)} CounterFact test requests, preset {lm.preset}: "
           f"layers {list(cfg.layers)}, steps {cfg.v_num_grad_steps}, clamp {cfg.clamp_norm_factor}, "
