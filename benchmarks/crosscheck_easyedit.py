@@ -52,7 +52,7 @@ from pmet.config import load_config, parse_overrides
 from pmet.editor import edit, prepare
 from pmet.evaluation.data import load_eval_records
 from pmet.models import load_model
-from pmet.targets import Targets
+from pmet.targets import Targets, compute_targets
 from pmet.update import insert
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--log", type=Path, default=None, help="write EasyEdit's printed output here")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="also compare EasyEdit's targets with ours optimised one request at a time, as EasyEdit "
+                         "does (separates a method difference from sensitivity to the batch's float order)")
     args = ap.parse_args()
     pmet_side = args.method == "pmet"
 
@@ -233,6 +236,8 @@ def main() -> None:
     main_mod = load_easyedit(args.easyedit.resolve(), args.method, device)
     theirs, theirs_v, steps_theirs, t_theirs = run_easyedit(main_mod, args.method, model, tok, requests, cfg,
                                                             layout, prep, args.log)
+    singles = [compute_targets(model, tok, layout, [r], prep.templates, cfg).ffn[0].cpu() for r in requests] \
+        if args.one_at_a_time else None
     t = time.perf_counter()
     ours = edit(model, tok, requests, cfg, c0=prep.c0, context_templates=prep.templates, progress=False,
                 fingerprint=prep.fingerprint)
@@ -251,8 +256,9 @@ def main() -> None:
     for i, r in enumerate(requests):
         d = ours.targets.diagnostics[i]
         v_attn = f", v_attn {rel(ours.targets.attn[i].cpu(), theirs_v['attn'][i]):.2e}" if pmet_side else ""
+        single = f", v one at a time {rel(singles[i], theirs_v['ffn'][i]):.2e}" if singles else ""
         print(f"  {i}: {r.subject!r} -> {r.target_new!r}: v {rel(ours.targets.ffn[i].cpu(), theirs_v['ffn'][i]):.2e}"
-              f"{v_attn}, steps {d.steps}/{steps_theirs[i]} ({d.stop})")
+              f"{v_attn}{single}, steps {d.steps}/{steps_theirs[i]} ({d.stop})")
     print("\nper matrix: relative difference of Δ (ours vs EasyEdit); ‖Δ‖ EasyEdit")
     for u, v in zip(ours.updates, on_theirs, strict=True):
         ref = theirs[u.weight]
