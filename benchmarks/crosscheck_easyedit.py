@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from pmet.arch import get_weight, layout_of
+from pmet.baselines.rome import edit_rome
 from pmet.config import load_config, parse_overrides
 from pmet.editor import edit, prepare
 from pmet.evaluation.data import load_eval_records
@@ -57,10 +58,15 @@ from pmet.update import insert
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 COMMON = ["easyeditor.util.hparams", "easyeditor.util.nethook", "easyeditor.models.rome.repr_tools"]
-# per method: EasyEdit's modules in import order (the target module second to last, the main module last)
-MODULES = {
-    "pmet": ["pmet_hparams", "compute_zs", "compute_ks", "pmet_main"],
-    "memit": ["memit_hparams", "compute_z", "compute_ks", "memit_main"],
+# per method: EasyEdit's modules in import order (main module last), the modules that hard-code CUDA devices and
+# the one that reads decoder-layer outputs as tuples (shims 1 and 2 must apply there)
+METHODS = {
+    "pmet": dict(modules=["pmet_hparams", "compute_zs", "compute_ks", "pmet_main"], devices=["compute_zs"],
+                 tuple_reads="compute_zs"),
+    "memit": dict(modules=["memit_hparams", "compute_z", "compute_ks", "memit_main"], devices=["compute_z"],
+                  tuple_reads="compute_z"),
+    "rome": dict(modules=["rome_hparams", "compute_u", "compute_v", "rome_main"],
+                 devices=["compute_u", "compute_v"], tuple_reads=None),
 }
 STAND_INS = {"easyeditor.models.rome.layer_stats": "layer_stats", "easyeditor.util.generate": "generate_fast",
              "easyeditor.util.globals": None}
@@ -80,12 +86,12 @@ def _never(name: str):
     return fail
 
 
-def _shimmed_source(path: Path, target_module: bool, main_module: bool) -> str:
+def _shimmed_source(path: Path, devices: bool, tuple_reads: bool) -> str:
     src = path.read_text(encoding="utf-8")
     src, n_dev = DEVICE_STRING.subn("_DEVICE", src)
-    if (target_module or main_module) and not n_dev:
+    if devices and not n_dev:
         sys.exit(f"error: shim 1 found no device string in {path} (EasyEdit changed); update this script")
-    if target_module:
+    if tuple_reads:
         if LOSS_LAYER_READ not in src:
             sys.exit(f"error: shim 2 does not apply to {path} (EasyEdit changed); update this script")
         src = src.replace(LOSS_LAYER_READ, "_first(" + LOSS_LAYER_READ.removesuffix("[0]") + ")")
@@ -105,12 +111,14 @@ def load_easyedit(root: Path, method: str, device: torch.device) -> types.Module
         if fn:
             setattr(mod, fn, _never(fn))
         sys.modules[name] = mod
-    names = COMMON + [f"easyeditor.models.{method}.{m}" for m in MODULES[method]]
+    spec = METHODS[method]
+    names = COMMON + [f"easyeditor.models.{method}.{m}" for m in spec["modules"]]
     for name in names:
         path = root.joinpath(*name.split(".")).with_suffix(".py")
         if not path.exists():
             sys.exit(f"error: {path} not found: --easyedit must point at an EasyEdit checkout")
-        src = _shimmed_source(path, target_module=name == names[-3], main_module=name == names[-1])
+        short = name.rpartition(".")[2]
+        src = _shimmed_source(path, devices=short in spec["devices"], tuple_reads=short == spec["tuple_reads"])
         mod = types.ModuleType(name)
         mod.__file__, mod.__package__ = str(path), name.rpartition(".")[0]
         mod.__dict__.update(_DEVICE=str(device), _first=_first)
@@ -134,6 +142,12 @@ def hparams_from(main: types.ModuleType, method: str, cfg, layout, model) -> obj
         mom2_dataset="given (pmet C0)", mom2_n_samples=0, mom2_dtype="float32", device=0, model_name="",
         stats_dir="",
     )
+    if method == "rome":
+        drop = ("layer_selection", "mom2_update_weight")
+        return main.ROMEHyperParams(**{k: v for k, v in common.items() if k not in drop},
+                                    context_template_length_params=[[10, 5]], mlp_module_tmp=ffn,
+                                    attn_module_tmp=f"{layout.spec.layers}.{{}}.{layout.spec.attn_out}",
+                                    alg_name="ROME")
     if method == "memit":
         return main.MEMITHyperParams(**common, mlp_module_tmp=f"{layout.spec.layers}.{{}}.mlp",
                                      attn_module_tmp=f"{layout.spec.layers}.{{}}.self_attn", alg_name="MEMIT")
@@ -150,6 +164,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 PUBLISHED = {  # the structure each side's defaults give; the check covers these only
     "pmet": dict(update_modules=["ffn"], spread="sqrt", target_site="components", attn_delta=True),
     "memit": dict(update_modules=["ffn"], spread="even", target_site="layer_output", stop_rule="loss"),
+    "rome": dict(update_modules=["ffn"], target_site="components", attn_delta=False, stop_rule="loss"),
 }
 
 
@@ -201,10 +216,48 @@ def run_easyedit(main_mod: types.ModuleType, method: str, model, tok, requests, 
     return {n: d.detach().float().cpu() for n, d in deltas.items()}, targets, steps, seconds
 
 
+def run_easyedit_rome(main_mod: types.ModuleType, model, tok, requests, cfg, layout, prep, log_file):
+    """EasyEdit's ROME on our inputs, one request after another on the model as edited so far (apply_rome_to_model
+    per request). Returns the summed Δ per weight name, Adam steps per request, seconds; the weights are restored."""
+    hp = hparams_from(main_mod, "rome", cfg, layout, model)
+    main_mod.CONTEXT_TEMPLATES_CACHE = [t for group in prep.templates for t in group]  # ROME's flat list
+    inv_cache = sys.modules["easyeditor.models.rome.compute_u"].inv_mom2_cache
+    model_key = model.config._name_or_path.replace("/", "_")
+    for l in cfg.layers:
+        inv_cache[(model_key, hp.rewrite_module_tmp.format(l))] = torch.inverse(prep.c0[(l, "ffn")].float())
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    names = [f"{hp.rewrite_module_tmp.format(l)}.weight" for l in cfg.layers]
+    before = {n: get_weight(model, n.removesuffix(".weight")).detach().clone() for n in names}
+    log = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(log), torch.no_grad():
+        for r in requests:  # execute_rome prefixes the space itself
+            req = {"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new.strip(), "case_id": r.case_id}
+            with torch.enable_grad():
+                deltas = main_mod.execute_rome(model, tok, req, hp)
+            for n, (left, right) in deltas.items():
+                w = get_weight(model, n.removesuffix(".weight"))
+                w += main_mod.upd_matrix_match_shape(left.unsqueeze(1) @ right.unsqueeze(0), w.shape)
+    seconds = time.perf_counter() - t
+    if log_file:
+        log_file.write_text(log.getvalue(), encoding="utf-8")
+    total = {}
+    with torch.no_grad():
+        for n, w0 in before.items():
+            w = get_weight(model, n.removesuffix(".weight"))
+            total[n] = (w - w0).detach().float().cpu()
+            w.copy_(w0)
+    blocks = log.getvalue().split("Computing right vector")[1:]
+    steps = [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
+    return total, steps, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--easyedit", required=True, type=Path, help="EasyEdit checkout (the folder holding easyeditor/)")
-    ap.add_argument("--method", choices=sorted(MODULES), default="pmet")
+    ap.add_argument("--method", choices=sorted(METHODS), default="pmet")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--config", default=None, help="preset name or YAML file (default: the model's preset)")
     ap.add_argument("--requests", type=int, default=4, help="first N CounterFact test-slice records")
@@ -234,6 +287,9 @@ def main() -> None:
     device = next(model.parameters()).device
 
     main_mod = load_easyedit(args.easyedit.resolve(), args.method, device)
+    if args.method == "rome":
+        compare_rome(main_mod, model, tok, requests, cfg, layout, prep, args)
+        return
     theirs, theirs_v, steps_theirs, t_theirs = run_easyedit(main_mod, args.method, model, tok, requests, cfg,
                                                             layout, prep, args.log)
     singles = [compute_targets(model, tok, layout, [r], prep.templates, cfg).ffn[0].cpu() for r in requests] \
@@ -264,6 +320,27 @@ def main() -> None:
         ref = theirs[u.weight]
         print(f"  {u.weight}: end to end {rel(u.delta, ref):.2e}, our update on EasyEdit's targets "
               f"{rel(v.delta, ref):.2e}; ‖Δ‖ {float(ref.norm()):.4f}")
+
+
+def compare_rome(main_mod, model, tok, requests, cfg, layout, prep, args) -> None:
+    """ROME: each side edits the requests in sequence; compares the summed Δ and each request's Adam steps."""
+    theirs, steps_theirs, t_theirs = run_easyedit_rome(main_mod, model, tok, requests, cfg, layout, prep, args.log)
+    t = time.perf_counter()
+    ours = edit_rome(model, tok, requests, cfg, c0=prep.c0, context_templates=prep.templates, progress=False,
+                     fingerprint=prep.fingerprint)
+    t_ours = time.perf_counter() - t
+    ours.revert(model)
+    print(f"rome, model {args.model}, {len(requests)} CounterFact test requests in sequence, layer {cfg.layers}, "
+          f"steps {cfg.v_num_grad_steps}, clamp {cfg.clamp_norm_factor}")
+    print(f"time (a check, not a benchmark): EasyEdit {t_theirs:.1f} s, pmet {t_ours:.1f} s")
+    print("\nper request: Adam steps (ours / EasyEdit's)")
+    for i, r in enumerate(requests):
+        d = ours.targets.diagnostics[i]
+        print(f"  {i}: {r.subject!r} -> {r.target_new!r}: steps {d.steps}/{steps_theirs[i]} ({d.stop})")
+    print("\nsummed Δ: relative difference (ours vs EasyEdit); ‖Δ‖ EasyEdit")
+    for u in ours.updates:
+        ref = theirs[u.weight]
+        print(f"  {u.weight}: {rel(u.delta, ref):.2e}; ‖Δ‖ {float(ref.norm()):.4f}")
 
 
 if __name__ == "__main__":

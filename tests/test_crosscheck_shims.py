@@ -26,7 +26,7 @@ def f(tr, hparams, loss_layer, cur_out, delta, tok):
 def test_shims_rewrite_devices_and_tuple_reads(tmp_path):
     path = tmp_path / "compute_z.py"
     path.write_text(COMPUTE_Z)
-    src = crosscheck._shimmed_source(path, target_module=True, main_module=False)
+    src = crosscheck._shimmed_source(path, devices=True, tuple_reads=True)
     assert "cuda" not in src
     assert src.count("_DEVICE") == 3
     assert "_first(tr[hparams.layer_module_tmp.format(loss_layer)].output)[:2]" in src
@@ -43,7 +43,7 @@ def test_shims_refuse_a_source_they_do_not_fit(tmp_path):
     path = tmp_path / "compute_z.py"
     path.write_text(COMPUTE_Z.replace(".output[0]", ".output"))
     with pytest.raises(SystemExit, match="shim 2"):
-        crosscheck._shimmed_source(path, target_module=True, main_module=False)
+        crosscheck._shimmed_source(path, devices=True, tuple_reads=True)
     path.write_text("x = 1\n")
     with pytest.raises(SystemExit, match="shim 1"):
-        crosscheck._shimmed_source(path, target_module=False, main_module=True)
+        crosscheck._shimmed_source(path, devices=True, tuple_reads=False)

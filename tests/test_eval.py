@@ -151,6 +151,28 @@ def test_rome_edits_one_layer_and_reverts_bit_exactly(tmp_path):
     assert all(torch.equal(edited[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights and a bias on the projection
+def test_rome_maps_the_template_mean_key_to_v(arch):
+    """ROME Eq. 2 with k* in every place: after the edit, the projection's output at k* (the mean key over all
+    template rows) is the target v; the bare prompt's key is not what is mapped."""
+    from pmet.keys import Site, key_rows, read_at_subject
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    layout = layout_of(model)
+    cfg = cfg_for(layers=[1], attn_delta=False, stop_rule="loss")
+    name = layout.edited_module(1, "ffn")
+    rows = key_rows(tok, REQUESTS[:1], TEMPLATES)
+    sites = [Site(name, "in"), Site(layout.ffn_out(1), "out")]
+    before = read_at_subject(model, rows, sites, pad_id=tok.pad_token_id)
+    res = edit_rome(model, tok, REQUESTS[:1], cfg, c0=identity_c0(model, [1]), context_templates=TEMPLATES,
+                    progress=False)
+    after = read_at_subject(model, rows, sites, pad_id=tok.pad_token_id)
+    assert torch.equal(after[sites[0]], before[sites[0]])  # the edited projection's inputs do not move
+    v = res.targets.ffn[0]
+    assert torch.allclose(after[sites[1]].mean(0), v, atol=1e-4 * float(v.norm()))
+    assert not torch.allclose(after[sites[1]][0], v, atol=1e-2 * float(v.norm()))  # not the bare prompt's
+
+
 def test_ft_respects_the_linf_constraint():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     name = layout_of(model).edited_module(1, "ffn")

@@ -2,12 +2,17 @@
 
 For each request, on the model as edited so far:
     v    = m0 + δm at layer l, from the Eq. 10 machinery with one layer, no δa and ROME's stopping rule
-           (loss < stop_loss only; `config.METHOD_OVERRIDES["rome"]`)
-    k*   = key at the subject's last token, averaged over the context templates (two-stage, as PMET)
+           (loss < stop_loss only; `config.METHOD_OVERRIDES["rome"]`); m0 at the bare prompt
+    k*   = key at the subject's last token, averaged over all context templates alike (ROME's compute_u: one
+           mean over the template list, not PMET's two-stage mean)
     u    = C0⁻¹ k*                                   (ROME Eq. 2 with the second moment C0 = E[k kᵀ])
-    Δ    = (v − W k*) uᵀ / (uᵀ k*)                    (the closed-form rank-one solution)
-W k* is read as the current FFN output at the bare prompt. ROME's own context templates (20 generated prefixes)
-are replaced by PMET's, so all methods see the same prefixes; this is written in docs/EVALUATION.md.
+    Δ    = (v − W k*) uᵀ / (uᵀ k*)                    (ROME Eq. 2: afterwards the projection maps k* to v)
+W k* (bias included, where the projection has one) is read as the mean FFN output over the same template rows.
+This is Eq. 2 as written, with k* in every place, which is also EasyEdit's default (`enable_random_prefix_keys`,
+after Gupta et al. 2024, "Rebuilding ROME"). ROME's original code instead divides by uᵀk and subtracts W k for
+the bare prompt's key k, which maps that key, not k*, to v; that variant is not implemented. ROME's own context
+templates (20 generated prefixes) are replaced by PMET's, so all methods see the same prefixes; both choices
+are written in docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..arch import as_linear, get_weight, layout_of
 from ..config import PMETConfig
 from ..context import ContextTemplates
 from ..editor import prepare
-from ..keys import Site, average_two_stage, key_rows, read_at_subject
+from ..keys import Site, key_rows, read_at_subject
 from ..patch import EditResult
 from ..requests import EditRequest
 from ..targets import Targets, compute_targets
@@ -76,8 +81,8 @@ def edit_rome(
         t = time.perf_counter()
         got = read_at_subject(model, key_rows(tok, [r], prep.templates), [key_site, value_site],
                               pad_id=tok.pad_token_id, stop_after=value_site.module)
-        k = average_two_stage(got[key_site], prep.templates)[0]
-        current = got[value_site][0]
+        k = got[key_site].mean(0)  # k*: one mean over this request's template rows (ROME's compute_u)
+        current = got[value_site].mean(0)  # W k* (+ bias), read in the same pass
         delta = rank_one_delta(tg.ffn[0], current, k, prep.c0[(l, "ffn")])
         with torch.no_grad():
             W.add_(as_linear(delta, layout.spec.conv1d).to(W.dtype))
