@@ -1,13 +1,13 @@
-"""Numerical cross-check of our PMET and MEMIT against EasyEdit's (zjunlp/EasyEdit, `easyeditor/models/pmet`,
-`easyeditor/models/memit`) on identical inputs: the same model, requests, context templates, C0, hyper-parameters.
+"""Numerical cross-check of our PMET, MEMIT and ROME against EasyEdit's (zjunlp/EasyEdit, `easyeditor/models/pmet`,
+`memit`, `rome`) on identical inputs: the same model, requests, context templates, C0, hyper-parameters.
 
-    python benchmarks/crosscheck_easyedit.py --easyedit PATH/TO/EasyEdit [--method pmet|memit] [--requests 8]
+    python benchmarks/crosscheck_easyedit.py --easyedit PATH/TO/EasyEdit [--method pmet|memit|rome] [--requests 8]
 
 EasyEdit is neither a dependency nor vendored: PATH is a checkout of it (the folder holding `easyeditor/`). Its
 package `__init__` files import every editor and their dependencies, so only the modules the method needs are
-loaded, from their files (`<method>_main`, compute_z(s), compute_ks, `<method>_hparams`, rome/repr_tools,
-util/nethook, util/hparams), with these shims, applied to the source text as it loads and refused loudly if they
-no longer apply:
+loaded, from their files (`<method>_main`, compute_z(s) or compute_u/compute_v, compute_ks, `<method>_hparams`,
+rome/repr_tools, util/nethook, util/hparams), with these shims, applied to the source text as it loads and
+refused loudly if they no longer apply:
 
 1. Devices: EasyEdit hard-codes "cuda", "cuda:0", "cuda:1", f"cuda:{hparams.device}"; they become the model's
    device, so that the check runs on a CPU.
@@ -15,22 +15,24 @@ no longer apply:
    layer, a tuple in the transformers versions EasyEdit was written for; the transformers 5 used here returns the
    hidden states as a tensor, where `[0]` takes the first prompt's states and the code then fails on shapes
    (EasyEdit does not run unshimmed on it). `[0]` is taken only from a tuple.
-3. Inputs: `get_context_templates` gets ours (CONTEXT_TEMPLATES_CACHE is filled, generate_fast never runs) and
-   `get_cov` ours (COV_CACHE is filled with our C0, layer_stats never runs); `rome.layer_stats`,
-   `util.generate` and `util.globals` are empty stand-ins.
+3. Inputs: `get_context_templates` gets ours (CONTEXT_TEMPLATES_CACHE is filled, generate_fast never runs; ROME's
+   as one flat list) and the covariance ours (COV_CACHE with our C0; ROME's inv_mom2_cache with its inverse;
+   layer_stats never runs); `rome.layer_stats`, `util.generate` and `util.globals` are empty stand-ins.
 
-Hyper-parameters: EasyEdit's PMETHyperParams / MEMITHyperParams filled from our preset's method section (layers,
+Hyper-parameters: EasyEdit's PMET/MEMIT/ROMEHyperParams filled from our preset's method section (layers,
 steps, lr, clamp, KL, decay, λ; `v_loss_layer` = the last layer, as our loss reads the model's output). With tied
 embeddings the unembedding is named by the embedding (`model.embed_tokens`): `named_parameters` lists a tied
-matrix once, so `lm_head.weight` would not be found. Targets get a leading space (EasyEdit's compute_zs encodes
-`target_new` as given; ours encodes ' ' + target, NOTES.md), the tokenizer pads on the right (compute_z(s) place
-the target tokens assuming it does). `model.config.n_embd` is set to `hidden_size` where absent (PMET's
+matrix once, so `lm_head.weight` would not be found. PMET and MEMIT get targets with a leading space (PMET's
+compute_zs encodes `target_new` as given; ours encodes ' ' + target, NOTES.md); ROME's execute_rome prefixes one
+itself, so it gets them without. The tokenizer pads on the right (compute_z(s) place the target tokens assuming
+it does). `model.config.n_embd` is set to `hidden_size` where absent (PMET's
 compute_zs reads it unless the model's path names llama or neo).
 
 Prints, per request, the relative difference ‖ours − theirs‖/‖theirs‖ of the target vectors and each side's Adam
 steps, and per edited matrix the relative difference of Δ: (a) each side end to end, (b) our update (Eq. 9, 11)
-computed on EasyEdit's targets, which separates the update from the optimisation. Results: docs/RESULTS.md
-("Cross-check against EasyEdit").
+computed on EasyEdit's targets, which separates the update from the optimisation. ROME (sequential edits, one
+request at a time on the model edited so far, as apply_rome_to_model per request): each request's Adam steps and
+the summed Δ. Results: docs/RESULTS.md ("Cross-check against EasyEdit").
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def load_easyedit(root: Path, method: str, device: torch.device) -> types.Module
 
 
 def hparams_from(main: types.ModuleType, method: str, cfg, layout, model) -> object:
-    """EasyEdit's PMETHyperParams / MEMITHyperParams with our preset's values and our model's module names."""
+    """EasyEdit's PMET/MEMIT/ROMEHyperParams with our preset's values and our model's module names."""
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     unembed = [n for n, m in model.named_modules() if m is model.get_input_embeddings()][0] if tied else \
         layout.spec.unembed.split("|")[0]
