@@ -24,6 +24,9 @@ from .targets import Targets
 from .update import LayerUpdate
 
 SEQUENTIAL = ("rome", "ft")
+# Bumped when a method's computation changes, so that progress saved by the old code (pmet.baselines.checkpoint)
+# is not resumed by the new one. rome 2: Eq. 2 with k* in every place (2026-11-26).
+REVISION = {"pmet": 1, "memit": 1, "rome": 2, "ft": 1}
 
 
 def _editor(method: str) -> Callable[..., EditResult]:

@@ -392,3 +392,15 @@ def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path,
     fresh = R.run_eval(lm, _records(), method, cfg, tmp_path / "b", **kw)
     assert fresh["resumed_edits"] == 0
     assert resumed["delta_norms"] == fresh["delta_norms"] and resumed["metrics"] == fresh["metrics"]
+
+
+def test_progress_file_changes_with_the_method_revision(monkeypatch, tmp_path):
+    """Progress saved by an older computation of a method (methods.REVISION) is never resumed by a newer one."""
+    from pmet.evaluation import run as R
+
+    cfg = PMETConfig(layers=[1])
+    args = ("fp", "rome", cfg, _records(), None, TEMPLATES, None, None, tmp_path)
+    before = R._progress_file(*args)
+    monkeypatch.setitem(R.REVISION, "rome", R.REVISION["rome"] + 1)
+    assert R._progress_file(*args) != before
+    assert R._progress_file("fp", "ft", cfg, _records(), None, TEMPLATES, None, None, tmp_path) != before

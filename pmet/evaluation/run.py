@@ -23,7 +23,7 @@ from typing import Any
 from ..baselines.checkpoint import requests_digest, saved_edits
 from ..config import PMETConfig
 from ..fileio import atomic_write
-from ..methods import SEQUENTIAL, apply_method
+from ..methods import REVISION, SEQUENTIAL, apply_method
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
@@ -57,8 +57,8 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
                    sequential_batches: int | None, context_templates: list[list[str]] | None, c0: dict | None,
                    corpus: str | None, cache_dir: str | os.PathLike | None) -> Path:
     """Where a sequential edit (ROME, FT-W, sequential batches) of these records keeps its progress: keyed by
-    everything the edits depend on (the unedited model, method, config, requests, batch size, given templates
-    and C0, C0 corpus)."""
+    everything the edits depend on (the unedited model, method and its REVISION, config, requests, batch size,
+    given templates and C0, C0 corpus)."""
     import torch
 
     from ..models import cache_root
@@ -69,7 +69,8 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
         return f"{t.dtype}{tuple(t.shape)}{tensor_sha256(t)}"
 
     key = hashlib.blake2b(json.dumps({
-        "fingerprint": fp, "method": method, "config": config.to_dict(), "templates": context_templates,
+        "fingerprint": fp, "method": method, "revision": REVISION[method], "config": config.to_dict(),
+        "templates": context_templates,
         "sequential_batches": None if method in SEQUENTIAL else sequential_batches,
         "c0": None if c0 is None else sorted((str(k), digest(v)) for k, v in c0.items()), "corpus": corpus,
         "requests": requests_digest([r.request for r in records]),
