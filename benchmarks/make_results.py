@@ -1,6 +1,7 @@
 """Tables for docs/RESULTS.md from the run folders written by benchmarks/run_results.sh.
 
     python benchmarks/make_results.py RUNS_DIR
+    python benchmarks/make_results.py --paired RUN_A RUN_B   # B − A on the records both runs edited
 
 prints, for each (model, dataset, edits) group of runs, the Markdown results table (unedited model first), then
 one table of stage timings, one of Δ norms per edited matrix and one of paired differences against PMET (same
@@ -82,6 +83,28 @@ def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
+def _paired_cells(ref: dict[int, dict[str, float]], other: dict[int, dict[str, float]]) -> list[str]:
+    cells = []
+    for k in PAIRED:
+        d = [other[c][k] - ref[c][k] for c in ref if c in other and k in other[c] and k in ref[c]]
+        if not d:
+            cells.append("–")
+            continue
+        m, h = mean_ci95(d)
+        cells.append(f"{100 * m:+.1f} ± {100 * h:.1f}")
+    return cells
+
+
+def paired_runs(a: Path, b: Path) -> None:
+    """B − A per record on the records both runs edited (e.g. the same method at 100 and at 947 edits)."""
+    ref, other = _per_record(a), _per_record(b)
+    shared = len(set(ref) & set(other))
+    print(f"Paired differences {b.name} − {a.name} on the {shared} records both edited (×100, 95% interval):\n")
+    print("| " + " | ".join(PAIRED) + " |")
+    print("|" + " --- |" * len(PAIRED))
+    print("| " + " | ".join(_paired_cells(ref, other)) + " |\n")
+
+
 def paired(runs: Path, runs_: list[dict]) -> None:
     """Mean per-record difference (method − PMET) with a 95% interval, for every other run of the group."""
     base = next((s for s in runs_ if s["method"] == "pmet"), None)
@@ -94,15 +117,7 @@ def paired(runs: Path, runs_: list[dict]) -> None:
     for s in runs_:
         if s is base:
             continue
-        other = _per_record(runs / s["_run"])
-        cells = []
-        for k in PAIRED:
-            d = [other[c][k] - ref[c][k] for c in ref if c in other and k in other[c] and k in ref[c]]
-            if not d:
-                cells.append("–")
-                continue
-            m, h = mean_ci95(d)
-            cells.append(f"{100 * m:+.1f} ± {100 * h:.1f}")
+        cells = _paired_cells(ref, _per_record(runs / s["_run"]))
         print(f"| {s['method']} | " + " | ".join(cells) + " |")
     print()
 
@@ -127,4 +142,7 @@ def trace(t: dict, name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1:2] == ["--paired"] and len(sys.argv) == 4:
+        paired_runs(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]))
