@@ -129,6 +129,19 @@ def load_easyedit(root: Path, method: str, device: torch.device) -> types.Module
     return sys.modules[names[-1]]
 
 
+def _pad_right(tok) -> None:
+    """EasyEdit's compute_z(s) place the target tokens assuming right padding."""
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def _adam_steps(log: str) -> list[int]:
+    """Adam steps per request from EasyEdit's printed log: one loss line per forward pass, the last takes no step."""
+    blocks = log.split("Computing right vector")[1:]
+    return [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
+
+
 def hparams_from(main: types.ModuleType, method: str, cfg, layout, model) -> object:
     """EasyEdit's PMET/MEMIT/ROMEHyperParams with our preset's values and our model's module names."""
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -193,9 +206,7 @@ def run_easyedit(main_mod: types.ModuleType, method: str, model, tok, requests, 
         return out
 
     setattr(main_mod, compute.__name__, recording)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    _pad_right(tok)
     ee_requests = [{"prompt": r.prompt, "subject": r.subject, "target_new": " " + r.target_new.strip(),
                     "case_id": r.case_id} for r in requests]
     before = {f"{hp.rewrite_module_tmp.format(l)}.weight": get_weight(model, hp.rewrite_module_tmp.format(l))
@@ -212,9 +223,7 @@ def run_easyedit(main_mod: types.ModuleType, method: str, model, tok, requests, 
     for n, w in before.items():  # EasyEdit restores the weights; check it did
         if not torch.equal(get_weight(model, n.removesuffix(".weight")), w):
             sys.exit(f"error: EasyEdit left {n} changed")
-    # EasyEdit prints a loss line per forward pass; the last pass takes no step
-    blocks = log.getvalue().split("Computing right vector")[1:]
-    steps = [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
+    steps = _adam_steps(log.getvalue())
     return {n: d.detach().float().cpu() for n, d in deltas.items()}, targets, steps, seconds
 
 
@@ -227,9 +236,7 @@ def run_easyedit_rome(main_mod: types.ModuleType, model, tok, requests, cfg, lay
     model_key = model.config._name_or_path.replace("/", "_")
     for l in cfg.layers:
         inv_cache[(model_key, hp.rewrite_module_tmp.format(l))] = torch.inverse(prep.c0[(l, "ffn")].float())
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    _pad_right(tok)
     names = [f"{hp.rewrite_module_tmp.format(l)}.weight" for l in cfg.layers]
     before = {n: get_weight(model, n.removesuffix(".weight")).detach().clone() for n in names}
     log = io.StringIO()
@@ -251,8 +258,7 @@ def run_easyedit_rome(main_mod: types.ModuleType, model, tok, requests, cfg, lay
             w = get_weight(model, n.removesuffix(".weight"))
             total[n] = (w - w0).detach().float().cpu()
             w.copy_(w0)
-    blocks = log.getvalue().split("Computing right vector")[1:]
-    steps = [len(re.findall(r"^loss ", b, flags=re.M)) - 1 for b in blocks]
+    steps = _adam_steps(log.getvalue())
     return total, steps, seconds
 
 

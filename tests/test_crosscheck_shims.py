@@ -36,7 +36,7 @@ def test_shims_rewrite_devices_and_tuple_reads(tmp_path):
 def test_first_takes_element_zero_of_a_tuple_only():
     h = torch.arange(6.0).reshape(2, 3)
     assert crosscheck._first((h, None)) is h
-    assert crosscheck._first(h) is h  # a tensor (transformers >= 4.54) is the hidden states themselves
+    assert crosscheck._first(h) is h  # a tensor (transformers 5) is the hidden states themselves
 
 
 def test_shims_refuse_a_source_they_do_not_fit(tmp_path):
