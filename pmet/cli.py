@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,11 @@ from rich.table import Table
 
 from .console import METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
+from .console import fail_line as _fail_line
 from .errors import ConfigError, PmetError
-from .fileio import atomic_write
+from .fileio import Outputs
+
+FORCE_HELP = "Replace outputs that exist (in an --out folder, only the files pmet wrote there)."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
@@ -46,23 +47,27 @@ def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, 
     return load_config(name, method=method, settings=settings, **{**extra, **overrides})
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2), encoding="utf-8"))
-
-
-def _save_model_atomic(lm: Any, out: Path) -> None:
-    """save_pretrained (with tokenizer) into a temp folder next to `out`, then move it in place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+def parse_layers(layers: str | None, option: str = "--layers") -> list[int] | None:
+    """'3,4,5' -> [3, 4, 5]; None stays None (the config's layers)."""
+    if layers is None:
+        return None
     try:
-        lm.model.save_pretrained(tmp)
-        lm.tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return [int(x) for x in layers.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {layers!r}: expected comma-separated layer numbers, e.g. 3,4,5") from None
+
+
+def _json_to(data: Any) -> Any:
+    """A writer of `data` as indented JSON onto a staging path."""
+    return lambda path: Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _model_to(lm: Any) -> Any:
+    """A writer of the model and its tokenizer (save_pretrained) into a staging folder."""
+    def write(folder: Path) -> None:
+        lm.model.save_pretrained(folder)
+        lm.tok.save_pretrained(folder)
+    return write
 
 
 def _measure(lm: Any, layout: Any, requests: list) -> list[dict]:
@@ -132,25 +137,33 @@ def edit(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    max_target_tokens: int = typer.Option(64, help="Refuse a target_new longer than this many tokens."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
     from .arch import layout_of
     from .config import parse_overrides
     from .methods import apply_method
     from .models import load_model
-    from .requests import load_requests
+    from .requests import check_target_lengths, load_requests
 
     try:
         if save_model and out is None:
             raise ConfigError("--save-model needs --out DIR")
+        outputs = Outputs("pmet edit", force)
+        if out is not None:
+            outputs.folder(out, "--out")
+        if report is not None:
+            outputs.file(report, "--report")
         settings = parse_overrides(set_)
-        reqs = load_requests(requests, limit=limit)
+        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
+                     "layers": parse_layers(layers)}
+        reqs = load_requests(requests, limit=limit, one_batch=True)
         t0 = time.perf_counter()
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         load_s = time.perf_counter() - t0
-        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
-                     "layers": [int(x) for x in layers.split(",")] if layers else None}
+        check_target_lengths(reqs, lm.tok, max_target_tokens, str(requests))
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
         layout = layout_of(lm.model)
         t = time.perf_counter()
@@ -191,13 +204,19 @@ def edit(
         "stats": result.stats, "context_templates": result.context_templates,
         "delta_norms": result.delta_norms(), "stream_check": result.stream_check, "requests": rows,
     }
+    writers: dict[Path, Any] = {}
     if out is not None:
-        path = result.save(out)
-        if save_model:
-            _save_model_atomic(lm, out / "model")
-        out_console.print(f"patch written to {path}" + (f"; edited model in {out / 'model'}" if save_model else ""))
+        writers[out] = lambda folder: (result.save(folder), save_model and _model_to(lm)(folder / "model"))
     if report is not None:
-        _write_json_atomic(report, data)
+        writers[report] = _json_to(data)
+    try:
+        outputs.write(writers)
+    except PmetError as e:
+        _fail(str(e))
+    if out is not None:
+        out_console.print(f"patch written to {out / 'patch.safetensors'}"
+                          + (f"; edited model in {out / 'model'}" if save_model else ""))
+    if report is not None:
         out_console.print(f"report written to {report}")
 
 
@@ -212,18 +231,20 @@ def _stats_line(stats: dict) -> str:
 
 
 def _patch_command(patch: Path, model: str, out: Path, dtype: str, device: str, cache_dir: Path | None,
-                   revert: bool) -> None:
+                   revert: bool, force: bool) -> None:
     from .models import load_model
     from .patch import EditResult, revert_patch
 
     try:
+        outputs = Outputs(f"pmet {'revert' if revert else 'apply'}", force)
+        outputs.folder(out, "--out")
         p = EditResult.load(patch)
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         if revert:
             revert_patch(lm.model, p)
         else:
             p.apply(lm.model)
-        _save_model_atomic(lm, out)
+        outputs.write({out: _model_to(lm)})
     except PmetError as e:
         _fail(str(e))
         return
@@ -243,9 +264,10 @@ def apply(
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     cache_dir: Path | None = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Apply a saved patch to the same base model and save the edited model."""
-    _patch_command(patch, model, out, dtype, device, cache_dir, revert=False)
+    _patch_command(patch, model, out, dtype, device, cache_dir, revert=False, force=force)
 
 
 @app.command()
@@ -256,9 +278,10 @@ def revert(
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     cache_dir: Path | None = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Restore the original weights of an edited model, bit-exactly, from its patch."""
-    _patch_command(patch, model, out, dtype, device, cache_dir, revert=True)
+    _patch_command(patch, model, out, dtype, device, cache_dir, revert=True, force=force)
 
 
 @app.command()
@@ -279,10 +302,11 @@ def stats(
     from .stats import get_c0
 
     try:
-        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        layer_list = [int(x) for x in layers.split(",")] if layers else _config_for(lm, config, "pmet", None, {}).layers
+        chosen = parse_layers(layers)
         if component not in ("ffn", "attn"):
             raise ConfigError("--component must be ffn or attn")
+        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
+        layer_list = chosen or _config_for(lm, config, "pmet", None, {}).layers
         c0, info = get_c0(lm.model, lm.tok, layer_list, corpus, tokens, component=component, cache_dir=cache_dir,
                           fingerprint=fingerprint(lm.model), force=force)
     except PmetError as e:
@@ -312,6 +336,7 @@ def trace(
     device: str = typer.Option("auto"),
     cache_dir: Path | None = typer.Option(None),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Causal tracing (ROME): where does the model recall facts? Heatmaps and a suggested critical-layer range."""
     import numpy as np
@@ -321,6 +346,8 @@ def trace(
     from .models import load_model
 
     try:
+        outputs = Outputs("pmet trace", force)
+        outputs.folder(out, "--out")
         kind_list = tuple(k.strip() for k in kinds.split(","))
         if not set(kind_list) <= set(ct.KINDS):
             raise ConfigError(f"--kinds must be a subset of {','.join(ct.KINDS)}")
@@ -346,7 +373,6 @@ def trace(
         return
     mean = {k: np.nanmean(np.stack([t.grouped(k) for t in traces]), axis=0) for k in kind_list}
     suggested = ct.suggest_layers(mean, span) if "ffn" in mean else None
-    out.mkdir(parents=True, exist_ok=True)
     data = {
         "model": model, "n_facts": len(traces), "samples": samples, "window": window, "noise": noise,
         "groups": list(ct.GROUPS), "average_indirect_effect": {k: v.tolist() for k, v in mean.items()},
@@ -355,10 +381,17 @@ def trace(
                    "corrupted": t.corrupted, "tokens": t.tokens, "subject_range": list(t.subject_range),
                    "scores": {k: v.tolist() for k, v in t.scores.items()}} for t in traces],
     }
-    _write_json_atomic(out / "trace.json", data)
-    atomic_write(out / "average_indirect_effect.png", lambda tmp: ct.plot_grouped(mean, len(traces), model, tmp))
-    for i, t in enumerate(traces[:plot_facts]):
-        atomic_write(out / f"fact_{i}.png", lambda tmp, t=t: ct.plot_fact(t, tmp))
+
+    def write(folder: Path) -> None:
+        _json_to(data)(folder / "trace.json")
+        ct.plot_grouped(mean, len(traces), model, str(folder / "average_indirect_effect.png"))
+        for i, t in enumerate(traces[:plot_facts]):
+            ct.plot_fact(t, str(folder / f"fact_{i}.png"))
+
+    try:
+        outputs.write({out: write})
+    except PmetError as e:
+        _fail(str(e))
     out_console.print(f"traced {len(traces)} facts the model knows (of {len(raw)}); noise {noise:.3g}")
     if suggested is not None:
         out_console.print(f"suggested critical layers (max FFN effect at the last subject token, span {span}): "
@@ -375,6 +408,12 @@ app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses 
 
 
 def main() -> None:
+    """The `pmet` entry point: every failure ends as one line on stderr; `--debug` shows the traceback."""
+    import click
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -382,10 +421,24 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # stderr carries only our progress bars and one-line errors
     hf_logging.set_verbosity_error()
     try:
-        app()
-    except KeyboardInterrupt:
-        console.print("interrupted: no output written")
+        code = app(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("interrupted: no output written (finished work is cached; rerun to resume)")
         sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except PmetError as e:
+        if debug:
+            raise
+        _fail_line(str(e))
+        sys.exit(2)
+    except Exception as e:  # a failure no check above foresaw: still one line, the traceback on request
+        if debug:
+            raise
+        _fail_line(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,13 @@ def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, 
         raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") and path.exists():
-        text, source = path.read_text(), str(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
     elif name_or_path in preset_names():
         source = f"preset '{name_or_path}'"
         text = resources.files("pmet.presets").joinpath(f"{name_or_path}.yaml").read_text()
@@ -249,7 +255,8 @@ def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, 
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+        raise ConfigError(f"{source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_parse_problem(e)}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of config fields")
     sections = data.get("methods") or {}
@@ -263,6 +270,14 @@ def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, 
     data.update({k: v for k, v in overrides.items() if v is not None})
     data.update(settings or {})
     return from_dict(data, source=source)
+
+
+def _parse_problem(e: Exception) -> str:
+    """A JSON or YAML parse error in one line, with its line number ('!!python/...' tags are refused here)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "msg", None) or str(e)
+    line = getattr(e, "lineno", None) or (mark.line + 1 if mark is not None else None)
+    return f"{problem} (line {line})" if line else str(problem)
 
 
 def parse_overrides(items: list[str] | tuple[str, ...], *, option: str = "--set") -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 out_console = Console()
@@ -15,7 +16,13 @@ SET_HELP = ("Set one config field after the preset and the other options, VALUE 
 MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
 
 
+def fail_line(msg: str) -> None:
+    """`error: msg` as one line on stderr (newlines inside `msg` are folded)."""
+    text = " ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True, highlight=False, markup=True)
+
+
 def fail(msg: str) -> None:
     """One line on stderr and exit code 2 (bad input never shows a traceback)."""
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
+    fail_line(msg)
     raise typer.Exit(2)

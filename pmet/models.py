@@ -143,16 +143,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, local_only: bool):
+    """Tokenizer and model; weights from safetensors only (nothing is unpickled, no remote code)."""
     tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local_only,
+                                                 use_safetensors=True, trust_remote_code=False)
     return tok, model
+
+
+def _refuse_pickled(folder: Path, name: str) -> None:
+    pickled = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+    if pickled and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"model '{name}': {folder} holds PyTorch pickle weights (*.bin/*.pt) and no safetensors; "
+                         "pmet unpickles nothing: convert them with save_pretrained(safe_serialization=True)")
 
 
 def resolve_device(device: str | None) -> torch.device:
     """'auto' (GPU when there is one), 'cpu', 'cuda', 'cuda:1', ..."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device!r}: no CUDA device is available on this machine (use cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device!r}: MPS is not available on this machine")
+    return dev
 
 
 def load_model(
@@ -166,6 +185,7 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     torch_dtype = DTYPES[dtype]
+    target_device = resolve_device(device)
     cache = cache_root(cache_dir)
     preset: str | None = None
     path = Path(name).expanduser()
@@ -177,8 +197,12 @@ def load_model(
             raise ModelError(f"model '{name}': GGUF file {path} not found")
         source = _gguf_cache_dir(path, cache, torch_dtype)
         if not (source / "config.json").exists():
-            _convert_gguf(path, source, torch_dtype)
+            try:
+                _convert_gguf(path, source, torch_dtype)
+            except Exception as e:  # the GGUF reader fails on a damaged file with any of several error types
+                raise ModelError(f"model '{name}': {path} is not a readable GGUF model ({_first_line(e)})") from None
     elif path.is_dir():
+        _refuse_pickled(path, name)
         source = path
     else:
         source = name  # a Hugging Face id: loads only from the local HF cache or a reachable hub
@@ -202,7 +226,7 @@ def load_model(
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     model.eval().requires_grad_(False)
-    model.to(resolve_device(device))
+    model.to(target_device)
     return LoadedModel(model=model, tok=tok, name=name, preset=preset, source=str(source))
 
 

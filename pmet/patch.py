@@ -70,7 +70,7 @@ class EditResult:
     # -- applying to a model -------------------------------------------------------------------------
     def apply(self, model: PreTrainedModel) -> None:
         """Add every Δ to `model` after checking that it is the base model this edit was made on."""
-        apply_deltas(model, self.deltas, self.originals_sha(), self.fingerprint)
+        apply_deltas(model, self.deltas, self.originals_sha(), self.fingerprint, self.edited_sha())
 
     def revert(self, model: PreTrainedModel) -> None:
         """Write the original weights back (bit-exact)."""
@@ -127,7 +127,7 @@ class EditResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EditResult:
-        """Read a patch file (or a directory holding patch.safetensors)."""
+        """Read a patch file (or a directory holding patch.safetensors) and verify its recorded hashes."""
         p = Path(path)
         if p.is_dir():
             p = p / PATCH_FILE
@@ -143,25 +143,69 @@ class EditResult:
             raise PatchError(f"patch {p}: not a readable safetensors file ({e})") from None
         if meta.get("format") != FORMAT:
             raise PatchError(f"patch {p}: not a pmet patch (format {meta.get('format')!r})")
-        weights = json.loads(meta["weights"])
+        try:
+            result = cls._from_parts(meta, tensors, p)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PatchError(f"patch {p}: malformed metadata or tensors ({type(e).__name__}: {e})") from None
+        result.verify(str(p), json.loads(meta["weights"]))
+        return result
+
+    @classmethod
+    def _from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], p: Path) -> EditResult:
+        weights = _meta_json(meta, "weights", p)
         updates = [
-            LayerUpdate(name, w["layer"], w["component"], tensors[f"delta::{name}"], w["residual_norm"])
+            LayerUpdate(name, w["layer"], w["component"], _tensor(tensors, f"delta::{name}", p), w["residual_norm"])
             for name, w in weights.items()
         ]
-        diags = [TargetDiagnostics(**d) for d in json.loads(meta["diagnostics"])]
+        diags = [TargetDiagnostics(**d) for d in _meta_json(meta, "diagnostics", p)]
         return cls(
             requests=[parse_record(r, source=str(p), record=i + 1)
-                      for i, r in enumerate(json.loads(meta["requests"]))],
-            config=from_dict(json.loads(meta["config"]), source=str(p)),
+                      for i, r in enumerate(_meta_json(meta, "requests", p))],
+            config=from_dict(_meta_json(meta, "config", p), source=str(p)),
             updates=updates,
-            originals={name: tensors[f"original::{name}"] for name in weights},
-            targets=Targets(tensors["target::ffn"], tensors.get("target::attn"), diags),
-            context_templates=json.loads(meta["context_templates"]),
-            fingerprint=meta["fingerprint"],
+            originals={name: _tensor(tensors, f"original::{name}", p) for name in weights},
+            targets=Targets(_tensor(tensors, "target::ffn", p), tensors.get("target::attn"), diags),
+            context_templates=_meta_json(meta, "context_templates", p),
+            fingerprint=str(meta["fingerprint"]),
             model_name=meta.get("model", ""),
-            timings=json.loads(meta.get("timings", "{}")),
-            stats=json.loads(meta.get("stats", "{}")),
+            timings=_meta_json(meta, "timings", p, default={}),
+            stats=_meta_json(meta, "stats", p, default={}),
         )
+
+    def verify(self, source: str, recorded: dict[str, dict[str, Any]]) -> None:
+        """Refuse a patch whose tensors are not the ones it recorded: each stored original must have its
+        recorded SHA-256, and original + Δ the recorded edited SHA-256."""
+        original_sha, edited_sha = self.originals_sha(), self.edited_sha()
+        for name, w in recorded.items():
+            if self.updates_by_name[name].delta.shape != self.originals[name].shape:
+                raise PatchError(f"patch {source}: weight '{name}': Δ and original differ in shape")
+            if w.get("sha256_original") != original_sha[name]:
+                raise PatchError(f"patch {source}: weight '{name}': the stored original does not match its "
+                                 "recorded SHA-256 (the patch was altered or damaged)")
+            if w.get("sha256_edited") != edited_sha[name]:
+                raise PatchError(f"patch {source}: weight '{name}': original + Δ does not give the recorded edited "
+                                 "weight (the patch was altered or damaged)")
+
+    @property
+    def updates_by_name(self) -> dict[str, LayerUpdate]:
+        return {u.weight: u for u in self.updates}
+
+
+def _meta_json(meta: dict[str, str], key: str, p: Path, default: Any = None) -> Any:
+    if key not in meta:
+        if default is not None:
+            return default
+        raise PatchError(f"patch {p}: metadata field '{key}' is missing")
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise PatchError(f"patch {p}: metadata field '{key}' is not valid JSON") from None
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, p: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise PatchError(f"patch {p}: tensor '{key}' is missing")
+    return tensors[key]
 
 
 def get_weight_by_name(model: PreTrainedModel, weight_name: str) -> torch.nn.Parameter:
@@ -170,27 +214,25 @@ def get_weight_by_name(model: PreTrainedModel, weight_name: str) -> torch.nn.Par
         raise PatchError(f"patch names '{weight_name}', which is not a module weight")
     try:
         return get_weight(model, module)
-    except AttributeError:
+    except (AttributeError, IndexError, KeyError, ValueError):
         raise PatchError(f"this model has no weight '{weight_name}': the patch is for another architecture"
                          ) from None
 
 
 def apply_deltas(model: PreTrainedModel, deltas: dict[str, torch.Tensor], originals_sha: dict[str, str],
-                 fingerprint: str) -> None:
+                 fingerprint: str, edited_sha: dict[str, str] | None = None) -> None:
     """W += Δ for each weight, after checking the model's fingerprint and each original matrix exactly."""
-    current = model_fingerprint(model)
-    if current != fingerprint:
-        edited = all(
-            tensor_sha256(get_weight_by_name(model, n)) != originals_sha[n] for n in deltas
-        )
-        hint = " (it looks already edited: revert it first)" if edited else ""
-        raise PatchError(
-            f"patch was made for base model {fingerprint[:12]}, this model is {current[:12]}{hint}"
-        )
     weights = {n: get_weight_by_name(model, n) for n in deltas}
-    for name, W in weights.items():
-        if tensor_sha256(W) != originals_sha[name] or W.shape != deltas[name].shape:
-            raise PatchError(f"weight '{name}' differs from the one the patch was made for")
+    found = {n: tensor_sha256(W) if W.shape == deltas[n].shape else "shape" for n, W in weights.items()}
+    current = model_fingerprint(model)
+    if current != fingerprint or any(found[n] != originals_sha[n] for n in deltas):
+        if edited_sha and all(found[n] == edited_sha[n] for n in deltas):
+            raise PatchError("this model is already edited with this patch (its edited weights match): revert it first")
+        differ = [n for n in deltas if found[n] != originals_sha[n]]
+        what = (f"{len(differ)} of the {len(deltas)} weights it edits differ from the originals it recorded, e.g. "
+                f"'{differ[0]}'" + (" (other shape)" if found[differ[0]] == "shape" else "")) if differ else \
+            "the weights it edits match, but other weights differ"
+        raise PatchError(f"patch was made for base model {fingerprint[:12]}, this model is {current[:12]}: {what}")
     with torch.no_grad():
         for name, W in weights.items():
             W.add_(deltas[name].to(device=W.device, dtype=W.dtype))

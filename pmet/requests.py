@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -44,6 +45,7 @@ _EASYEDIT_KEYS = frozenset(
 _UNRECOGNISED = (
     "unrecognised record: expected fields subject, prompt, target_new (or a CounterFact/EasyEdit/zsRE record)"
 )
+log = logging.getLogger(__name__)
 _INT_RE = re.compile(r"-?\d+")
 
 
@@ -449,8 +451,10 @@ def _csv_records(text: str, source: str, limit: int | None) -> list[EditRequest]
     return out
 
 
-def load_requests(path: str | Path, *, limit: int | None = None) -> list[EditRequest]:
+def load_requests(path: str | Path, *, limit: int | None = None, one_batch: bool = False) -> list[EditRequest]:
     """Read requests from a ``.jsonl``, ``.json`` or ``.csv`` file (the first ``limit`` of them if given).
+    With ``one_batch`` (the requests are edited together), repeats are merged and conflicts refused
+    (:func:`merge_duplicates`).
 
     Record numbers in error messages are 1-based: the line number for JSONL, the position for JSON and CSV.
     """
@@ -461,6 +465,7 @@ def load_requests(path: str | Path, *, limit: int | None = None) -> list[EditReq
     text = _read_text(path, source)
     suffix = path.suffix.lower()
     out: list[EditRequest] = []
+    numbers: list[int] = []
     if suffix == ".jsonl":
         # split on "\n" only: str.splitlines() would also break at U+2028 etc., which JSON strings may hold
         for number, line in enumerate(text.split("\n"), start=1):
@@ -473,6 +478,7 @@ def load_requests(path: str | Path, *, limit: int | None = None) -> list[EditReq
             except json.JSONDecodeError as e:
                 raise RequestError(source, number, None, f"malformed JSON: {e}") from None
             out.append(parse_record(obj, source=source, record=number))
+            numbers.append(number)
     elif suffix == ".json":
         if not text.strip():
             raise RequestError(source, None, None, "empty file: no records")
@@ -488,11 +494,48 @@ def load_requests(path: str | Path, *, limit: int | None = None) -> list[EditReq
             )
         for number, obj in enumerate(data[:limit] if limit is not None else data, start=1):
             out.append(parse_record(obj, source=source, record=number))
+            numbers.append(number)
     else:
         out = _csv_records(text, source, limit)
+        numbers = list(range(1, len(out) + 1))
     if not out:
         raise RequestError(source, None, None, "empty file: no records")
-    return out
+    return merge_duplicates(out, numbers, source) if one_batch else out
+
+
+def merge_duplicates(requests: list[EditRequest], numbers: list[int], source: str) -> list[EditRequest]:
+    """Drop repeats of one edit (same subject, prompt and target_new) with a warning; two different targets
+    for the same subject and prompt are an error naming both records."""
+    first: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+    kept: list[EditRequest] = []
+    repeats: list[tuple[int, int]] = []
+    for number, r in zip(numbers, requests, strict=True):
+        seen = first.get((r.subject, r.prompt))
+        if seen is None:
+            first[(r.subject, r.prompt)] = (number, r)
+            kept.append(r)
+        elif seen[1].target_new == r.target_new:
+            repeats.append((number, seen[0]))
+        else:
+            raise RequestError(source, number, "target_new",
+                               f"{r.target_new!r} conflicts with record {seen[0]}, which edits the same subject "
+                               f"and prompt to {seen[1].target_new!r}")
+    if repeats:
+        shown = ", ".join(f"record {a} = record {b}" for a, b in repeats[:3]) + (", ..." if len(repeats) > 3 else "")
+        log.warning("%s: %d duplicate request(s) merged (same subject, prompt and target_new: %s)",
+                    source, len(repeats), shown)
+    return kept
+
+
+def check_target_lengths(requests: list[EditRequest], tok: Any, bound: int, source: str) -> None:
+    """A target_new longer than `bound` tokens is an error (it would make every optimisation step crawl)."""
+    from .prompts import target_ids
+
+    for i, r in enumerate(requests, start=1):
+        n = len(target_ids(tok, r.target_new))
+        if n > bound:
+            raise RequestError(source, f"{i} (subject {r.subject!r})", "target_new",
+                               f"{n} tokens, more than the bound of {bound} (--max-target-tokens)")
 
 
 def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:
