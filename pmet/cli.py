@@ -138,13 +138,12 @@ def edit(
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     max_target_tokens: int = typer.Option(64, help="Refuse a target_new longer than this many tokens."),
+    target_cache: bool = typer.Option(True, help="Reuse target vectors cached by an earlier (or interrupted) run "
+                                      "(keyed by model, request, templates and config)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
-    from .arch import layout_of
     from .config import parse_overrides
-    from .methods import apply_method
-    from .models import load_model
     from .requests import check_target_lengths, load_requests
 
     try:
@@ -152,13 +151,17 @@ def edit(
             raise ConfigError("--save-model needs --out DIR")
         outputs = Outputs("pmet edit", force)
         if out is not None:
-            outputs.folder(out, "--out")
+            outputs.folder(out, "--out", ("patch.safetensors", "model"))
         if report is not None:
             outputs.file(report, "--report")
         settings = parse_overrides(set_)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": parse_layers(layers)}
         reqs = load_requests(requests, limit=limit, one_batch=True)
+        from .arch import layout_of  # torch and transformers: imported once the cheap checks passed
+        from .methods import apply_method
+        from .models import load_model
+
         t0 = time.perf_counter()
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
@@ -170,7 +173,10 @@ def edit(
         before = _measure(lm, layout, reqs)
         measure_s = time.perf_counter() - t
         result = apply_method(method, lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir,
-                              model_name=model, progress=not quiet)
+                              model_name=model, progress=not quiet, target_cache=target_cache)
+        if result.stats.get("target_cache_hits"):
+            console.print(f"reused {result.stats['target_cache_hits']} of {len(reqs)} target vectors from the cache "
+                          "(an earlier or interrupted run)")
         t = time.perf_counter()
         after = _measure(lm, layout, reqs)
         measure_s += time.perf_counter() - t
@@ -232,12 +238,12 @@ def _stats_line(stats: dict) -> str:
 
 def _patch_command(patch: Path, model: str, out: Path, dtype: str, device: str, cache_dir: Path | None,
                    revert: bool, force: bool) -> None:
-    from .models import load_model
-    from .patch import EditResult, revert_patch
-
     try:
         outputs = Outputs(f"pmet {'revert' if revert else 'apply'}", force)
-        outputs.folder(out, "--out")
+        outputs.folder(out, "--out", ("config.json", "model.safetensors"))
+        from .models import load_model  # torch and transformers: imported once the cheap checks passed
+        from .patch import EditResult, revert_patch
+
         p = EditResult.load(patch)
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         if revert:
@@ -298,13 +304,13 @@ def stats(
     force: bool = typer.Option(False, help="Recompute even if cached."),
 ) -> None:
     """Compute and cache C0 = E(k kᵀ) of the FFN keys for all critical layers, in one pass over a corpus."""
-    from .models import fingerprint, load_model
-    from .stats import get_c0
-
     try:
         chosen = parse_layers(layers)
         if component not in ("ffn", "attn"):
             raise ConfigError("--component must be ffn or attn")
+        from .models import fingerprint, load_model  # torch: imported once the cheap checks passed
+        from .stats import get_c0
+
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         layer_list = chosen or _config_for(lm, config, "pmet", None, {}).layers
         c0, info = get_c0(lm.model, lm.tok, layer_list, corpus, tokens, component=component, cache_dir=cache_dir,
@@ -339,26 +345,26 @@ def trace(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Causal tracing (ROME): where does the model recall facts? Heatmaps and a suggested critical-layer range."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from . import causal_trace as ct
-    from .models import load_model
-
     try:
         outputs = Outputs("pmet trace", force)
-        outputs.folder(out, "--out")
-        kind_list = tuple(k.strip() for k in kinds.split(","))
-        if not set(kind_list) <= set(ct.KINDS):
-            raise ConfigError(f"--kinds must be a subset of {','.join(ct.KINDS)}")
+        outputs.folder(out, "--out", ("trace.json", "average_indirect_effect.png"))
         try:
             raw = json.loads(facts.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # missing, not UTF-8, not JSON
             raise ConfigError(f"{facts}: cannot read facts: {e}") from None
         for i, f in enumerate(raw):
             for key in ("prompt", "subject", "attribute"):
                 if not isinstance(f, dict) or not isinstance(f.get(key), str):
                     raise ConfigError(f"{facts}: record {i}: field '{key}': required string")
+        import numpy as np  # torch: imported once the cheap checks passed
+        from tqdm.auto import tqdm
+
+        from . import causal_trace as ct
+        from .models import load_model
+
+        kind_list = tuple(k.strip() for k in kinds.split(","))
+        if not set(kind_list) <= set(ct.KINDS):
+            raise ConfigError(f"--kinds must be a subset of {','.join(ct.KINDS)}")
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         span = span or len(_config_for(lm, None, "pmet", None, {}).layers)
         chosen = ct.known_facts(lm.model, lm.tok, raw, n)
@@ -420,11 +426,11 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # stderr carries only our progress bars and one-line errors
     hf_logging.set_verbosity_error()
+    interrupted = "interrupted: no output written (finished work is cached; rerun to resume)"
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for Ctrl-C
     except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("interrupted: no output written (finished work is cached; rerun to resume)")
-        sys.exit(130)
+        code = 130
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -438,6 +444,8 @@ def main() -> None:
             raise
         _fail_line(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         sys.exit(1)
+    if code == 130:
+        console.print(interrupted)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -8,12 +8,15 @@ per model and seed and cached as JSON; can also be passed in explicitly.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 ContextTemplates = list[list[str]]  # groups: [["{}"], [generated..., ]]
 
@@ -71,13 +74,12 @@ def get_context_templates(
 ) -> ContextTemplates:
     """Load templates from `cache_file` if present, else generate them and write the file atomically."""
     if cache_file is not None and cache_file.exists():
-        return validate_templates(json.loads(cache_file.read_text())["templates"])
+        try:
+            return validate_templates(json.loads(cache_file.read_text(encoding="utf-8"))["templates"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged cache entry is regenerated
+            log.warning("context-template cache %s is unreadable (%s); regenerating it", cache_file, e)
     templates = generate_context_templates(model, tok, starts, length, top_k, seed)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"templates": templates, "starts": starts, "length": length, "top_k": top_k,
-                       "seed": seed}, f, indent=1)
-        os.replace(tmp, cache_file)
+        data = {"templates": templates, "starts": starts, "length": length, "top_k": top_k, "seed": seed}
+        atomic_write(cache_file, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1), encoding="utf-8"))
     return templates

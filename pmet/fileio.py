@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import PmetError
@@ -37,13 +37,16 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)`, then move the temp file onto `path` (removed if `write` fails)."""
+    """Call `write(tmp_path)`, flush it to disk, then move the temp file onto `path` (removed if anything fails,
+    Ctrl-C included), so a reader or a rerun never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
@@ -104,8 +107,9 @@ class Outputs:
         self.files[path] = option
         return path
 
-    def folder(self, path: Path, option: str) -> Path:
-        """Declare an output folder: new or empty, or with --force one whose pmet-written files are replaced."""
+    def folder(self, path: Path, option: str, names: tuple[str, ...] = ()) -> Path:
+        """Declare an output folder: new or empty, or with --force one whose pmet-written files are replaced.
+        `names`: entries the command will write there, checked now against files pmet did not write."""
         if path.exists() and not path.is_dir():
             raise OutputError(f"{option} {path}: is a file, not a folder")
         present = sorted(os.listdir(path)) if path.is_dir() else []
@@ -114,6 +118,7 @@ class Outputs:
             raise OutputError(f"{option} {path}: folder is not empty ({shown}); give a new or empty folder, or pass "
                               "--force to replace what pmet wrote there (other files are kept)")
         _check_writable(path / "x", option)
+        _check_collisions(path, names, option)
         self.folders[path] = option
         return path
 
@@ -127,7 +132,7 @@ class Outputs:
                 write(stages[dest])
             for dest, stage in stages.items():
                 if dest in self.folders:
-                    _check_collisions(dest, stage, self.folders[dest])
+                    _check_collisions(dest, os.listdir(stage), self.folders[dest])
             for dest, stage in stages.items():
                 self._commit(dest, stage)
         except OSError as e:
@@ -177,11 +182,11 @@ def _ordinary_permissions(folder: Path, mask: int) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
-def _check_collisions(dest: Path, stage: Path, option: str) -> None:
+def _check_collisions(dest: Path, names: Iterable[str], option: str) -> None:
     if not dest.is_dir():
         return
     ours = owned_entries(dest)
-    clash = sorted(n for n in os.listdir(stage) if (dest / n).exists() and n not in ours)
+    clash = sorted(n for n in names if (dest / n).exists() and n not in ours)
     if clash:
         raise OutputError(f"{option} {dest}: would replace {', '.join(clash)}, which pmet did not write there; "
                           f"move it or choose another folder")

@@ -6,14 +6,11 @@ Every bad input raises :class:`pmet.errors.RequestError`, whose one-line message
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -539,19 +536,8 @@ def check_target_lengths(requests: list[EditRequest], tok: Any, bound: int, sour
 
 
 def save_requests(requests: Iterable[EditRequest], path: str | Path) -> None:
-    """Write requests as native JSONL, atomically (a temporary file in the same directory, then replace)."""
-    path = Path(path)
+    """Write requests as native JSONL, atomically."""
+    from .fileio import atomic_write
+
     lines = [json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in requests]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))

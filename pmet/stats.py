@@ -34,7 +34,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import layout_of
 from .errors import CorpusError
+from .fileio import atomic_write
 from .hooks import Trace
 from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
@@ -466,18 +466,8 @@ def _load_cached(path: Path, n_tokens: int) -> torch.Tensor | None:
 
 
 def _save_atomic(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Write {'mom2': tensor} as safetensors to a temp file in the same folder, then os.replace it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write {'mom2': tensor} as safetensors, atomically."""
+    atomic_write(path, lambda tmp: safetensors.torch.save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata))
 
 
 def get_c0(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +23,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .arch import ModelLayout
 from .config import PMETConfig
 from .context import ContextTemplates
+from .fileio import atomic_write
 from .models import cache_root
 from .requests import EditRequest
-from .targets import TargetDiagnostics, Targets, compute_targets
+from .targets import TargetDiagnostics, Targets, optimise_batch, target_progress
 
 TARGET_FIELDS = (
     "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "nll_factor",
@@ -57,18 +58,21 @@ def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, TargetDiagnost
 
 
 def _save(path: Path, ffn: torch.Tensor, attn: torch.Tensor | None, diag: TargetDiagnostics) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"ffn": ffn.detach().float().cpu().contiguous()}
     if attn is not None:
         tensors["attn"] = attn.detach().float().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"diagnostics": json.dumps(diag.to_dict())})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"diagnostics": json.dumps(diag.to_dict())}))
+
+
+def _compute_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout,
+                   requests: list[EditRequest], batch: list[int], templates: ContextTemplates, cfg: PMETConfig,
+                   found: list, paths: list[Path], on_step: Callable[[int], object]) -> None:
+    """Optimise one batch of missing targets, fill them into `found` and save each to the cache."""
+    fresh = optimise_batch(model, tok, layout, [requests[i] for i in batch], templates, cfg, on_step=on_step)
+    for j, i in enumerate(batch):
+        attn = fresh.attn[j] if fresh.attn is not None else None
+        found[i] = (fresh.ffn[j].cpu(), attn.cpu() if attn is not None else None, fresh.diagnostics[j])
+        _save(paths[i], *found[i])
 
 
 def cached_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout,
@@ -84,14 +88,9 @@ def cached_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout:
     missing = [i for i, f in enumerate(found) if f is None]
     # one optimisation batch at a time, each saved as soon as it is done (an interrupted run keeps its work)
     batches = [missing[i : i + cfg.v_batch_size] for i in range(0, len(missing), cfg.v_batch_size)]
-    from tqdm.auto import tqdm
-
-    for batch in tqdm(batches, desc="targets", unit="batch", disable=not progress):
-        fresh = compute_targets(model, tok, layout, [requests[i] for i in batch], templates, cfg)
-        for j, i in enumerate(batch):
-            attn = fresh.attn[j] if fresh.attn is not None else None
-            found[i] = (fresh.ffn[j].cpu(), attn.cpu() if attn is not None else None, fresh.diagnostics[j])
-            _save(paths[i], *found[i])
+    with target_progress(len(missing), len(batches), cfg, progress) as bar:
+        for batch in batches:
+            _compute_batch(model, tok, layout, requests, batch, templates, cfg, found, paths, bar.update)
     device = next(model.parameters()).device
     has_attn = all(f[1] is not None for f in found) and cfg.attn_delta and cfg.target_site == "components"
     return Targets(

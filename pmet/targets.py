@@ -18,7 +18,9 @@ vocabulary projection is applied only where an NLL or KL term is read. Finished 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -119,10 +121,10 @@ def compute_targets(
     progress: bool = False,
 ) -> Targets:
     """Eq. 10 for all requests, `cfg.v_batch_size` requests per optimisation batch."""
-    parts = [
-        _optimise_chunk(model, tok, layout, requests[i : i + cfg.v_batch_size], templates, cfg)
-        for i in _progress(range(0, len(requests), cfg.v_batch_size), progress, "targets")
-    ]
+    starts = range(0, len(requests), cfg.v_batch_size)
+    with target_progress(len(requests), len(starts), cfg, progress) as bar:
+        parts = [optimise_batch(model, tok, layout, requests[i : i + cfg.v_batch_size], templates, cfg,
+                                 on_step=bar.update) for i in starts]
     attn = None if parts[0].attn is None else torch.cat([p.attn for p in parts])
     return Targets(
         ffn=torch.cat([p.ffn for p in parts]),
@@ -131,21 +133,23 @@ def compute_targets(
     )
 
 
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
+def target_progress(n_requests: int, n_batches: int, cfg: PMETConfig, enabled: bool) -> Any:
+    """A progress bar over the Adam-step budget of every batch (a batch that stops early skips ahead), so the
+    job's size and an estimated time show after its first step."""
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, unit="batch")
+    return tqdm(total=n_batches * cfg.v_num_grad_steps, unit="step", disable=not enabled,
+                desc=f"targets: {n_requests} requests in {n_batches} batch{'es' if n_batches != 1 else ''}")
 
 
-def _optimise_chunk(
+def optimise_batch(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     layout: ModelLayout,
     requests: list[EditRequest],
     templates: ContextTemplates,
     cfg: PMETConfig,
+    on_step: Callable[[int], object] = lambda n: None,
 ) -> Targets:
     device = next(model.parameters()).device
     L = cfg.L
@@ -216,6 +220,7 @@ def _optimise_chunk(
     n_prompts = len(flat(templates))
 
     for it in range(cfg.v_num_grad_steps):
+        on_step(1)
         opt.zero_grad(set_to_none=True)
         # Replay layers L..N-1 for every pass; keep the final states only where a loss term is read.
         nll_parts, kl_parts = [], []
@@ -289,6 +294,7 @@ def _optimise_chunk(
         if bool(finishing.any()):  # drop finished requests' rows from the replayed passes
             for ps in passes:
                 ps.keep(~done[row_req[ps.rows]])
+    on_step(cfg.v_num_grad_steps - 1 - it)  # the unused budget of a batch that stopped early
 
     with torch.no_grad():
         v_ffn = (m0 + delta_m).detach()

@@ -298,8 +298,8 @@ def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeyp
     assert s1["unedited"] == s2["unedited"] and s1["metrics"]["efficacy"] == s2["metrics"]["efficacy"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # reverted
     assert s1["metrics"]["consistency"]["mean"] is None and s1["metrics"]["fluency"]["n"] == 2
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["margins.png", "metrics.png", "records.jsonl",
-                                                                   "summary.json", "summary.md"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".pmet-outputs.json", "margins.png", "metrics.png",
+                                                                   "records.jsonl", "summary.json", "summary.md"]
 
 
 @pytest.mark.parametrize("method", ["rome", "ft", "pmet-batches"])

@@ -1,16 +1,13 @@
 """`pmet analyze components|deltas`: the paper's Figure 2 and Figure 4 as JSON, CSV, PNG and a table.
 
 Bad input ends with one line on stderr and exit code 2; output files are written only after the whole job
-succeeded (staged in a temporary folder inside --out, then each moved into place).
+succeeded (staged beside their destination, then moved into place: fileio.Outputs).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,25 +18,18 @@ from rich.table import Table
 from ..console import MODEL_HELP, out_console
 from ..console import fail as _fail
 from ..errors import ConfigError, PmetError
+from ..fileio import Outputs
+
+FORCE_HELP = "Replace outputs that exist in --out (only the files pmet wrote there)."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproduce the paper's analyses (Figure 2, Figure 4).")
 
 
-def _write_outputs(out: Path, writers: dict[str, Callable[[Path], object]]) -> list[Path]:
-    """Call each writer on a staging path inside `out`, then move every file into place."""
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".stage-"))
-    try:
-        for name, write in writers.items():
-            write(stage / name)
-        done = []
-        for name in writers:
-            os.replace(stage / name, out / name)
-            done.append(out / name)
-        return done
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def _write_outputs(outputs: Outputs, out: Path, writers: dict[str, Callable[[Path], object]]) -> list[Path]:
+    """Call each writer on a staging path, then move every file into `out` (fileio.Outputs' rules)."""
+    outputs.write({out: lambda folder: [write(folder / name) for name, write in writers.items()]})
+    return [out / name for name in writers]
 
 
 def _json_writer(data: object) -> Callable[[Path], None]:
@@ -77,6 +67,7 @@ def components(
         help="Gemma 3 (architectures that normalise component outputs): read a^l and m^l after those norms, "
              "i.e. the contributions actually added to the residual stream. No effect elsewhere."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Figure 2: cosine and top-k Jaccard similarity between each MHSA/FFN component's input and output."""
     from ..arch import layout_of
@@ -85,6 +76,8 @@ def components(
     from .plots import plot_components
 
     try:
+        outputs = Outputs("pmet analyze components", force)
+        outputs.folder(out, "--out")
         if top_k < 1:
             raise ConfigError(f"--top-k must be positive, got {top_k}")
         if batch_size < 1:
@@ -105,7 +98,7 @@ def components(
     summary = {"model": model, **stats.summary(), "facts": str(facts),
                "timings": {"load_s": round(t1 - t0, 2), "analysis_s": round(t2 - t1, 2)}}
     title = f"{model}: hidden-state change through MHSA and FFN (last token, {stats.n_facts} facts, k={top_k})"
-    paths = _write_outputs(out, {
+    paths = _write_outputs(outputs, out, {
         "components.json": _json_writer(summary),
         "components.csv": _csv_writer(stats.csv_rows()),
         "components.png": lambda p: plot_components(summary, p, title=title),
@@ -133,12 +126,16 @@ def deltas(
                                                  "(default: the folder name or file stem)."),
     out: Path | None = typer.Option(None, "--out", help="Also write deltas.json, deltas.csv, deltas.png here."),
     title: str = typer.Option("", help="Plot title."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Figure 4: the Frobenius norm of Δ per layer and edited matrix, for one or more edits."""
     from .deltas import COMPONENT_NAMES, delta_norm_table, series
     from .plots import plot_deltas
 
     try:
+        outputs = Outputs("pmet analyze deltas", force)
+        if out is not None:
+            outputs.folder(out, "--out")
         names = [x.strip() for x in labels.split(",")] if labels else None
         rows = delta_norm_table(patches, names)
     except PmetError as e:
@@ -154,7 +151,7 @@ def deltas(
     if out is not None:
         lines = series(rows)
         data = {"rows": rows, "series": {k: {"layers": v[0], "norms": v[1]} for k, v in lines.items()}}
-        paths = _write_outputs(out, {
+        paths = _write_outputs(outputs, out, {
             "deltas.json": _json_writer(data),
             "deltas.csv": _csv_writer(rows),
             "deltas.png": lambda p: plot_deltas(lines, p, title=title),

@@ -46,27 +46,33 @@ def eval_command(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier run in --out (only the "
+                               "files pmet wrote there)."),
 ) -> None:
     """Edit N benchmark records with one method and report the paper's metrics, the unedited model first."""
-    from ..cli import _config_for
+    from ..cli import _config_for, parse_layers
     from ..config import parse_overrides
-    from ..models import load_model
-    from .data import load_eval_records
-    from .evaluate import EvalOptions
-    from .report import markdown_table
-    from .run import run_eval
+    from ..fileio import Outputs
 
     try:
         if (tfidf_dir is None) != (attribute_snippets is None):
             raise ConfigError("consistency needs both --tfidf-dir and --attribute-snippets")
         if zsre_target not in ("answers", "alt"):
             raise ConfigError("--zsre-target must be 'answers' or 'alt'")
+        outputs = Outputs("pmet eval", force)
+        outputs.folder(out, "--out", ("records.jsonl", "summary.json", "summary.md", "metrics.png", "margins.png"))
         settings = parse_overrides(set_)
+        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
+                     "layers": parse_layers(layers)}
+        from ..models import load_model  # torch: imported once the cheap checks passed
+        from .data import load_eval_records
+        from .evaluate import EvalOptions
+        from .report import markdown_table
+        from .run import run_eval
+
         records = load_eval_records(data, dataset, n=edits, slice_=slice_, zsre_target=zsre_target)
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
-                     "layers": [int(x) for x in layers.split(",")] if layers else None}
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
         opts = EvalOptions(batch_size=batch_size, generation=generation, generation_prompts=generation_prompts,
                            generation_length=generation_length, seed=seed,
@@ -77,7 +83,7 @@ def eval_command(
                            opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
                            cache_dir=cache_dir, corpus=corpus, progress=not quiet,
                            extra={"data": str(data), "slice": slice_, "ablation": ablation, "settings": settings},
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, outputs=outputs)
     except PmetError as e:
         fail(str(e))
         return

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..baselines.checkpoint import requests_digest, saved_edits
 from ..config import PMETConfig
-from ..fileio import atomic_write
+from ..fileio import Outputs, atomic_write
 from ..methods import REVISION, SEQUENTIAL, apply_method
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
@@ -92,14 +92,18 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
              label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
              c0: dict | None = None, context_templates: list[list[str]] | None = None,
-             progress: bool = True, extra: dict[str, Any] | None = None, checkpoint: bool = True
-             ) -> dict[str, Any]:
+             progress: bool = True, extra: dict[str, Any] | None = None, checkpoint: bool = True,
+             outputs: Outputs | None = None) -> dict[str, Any]:
     """Evaluate, edit all `records` with `method`, evaluate again, write the outputs; returns the summary. The
     model is reverted to its original weights (bit-exact) before returning. With `checkpoint`, ROME, FT-W and
     sequential batches save their progress in the cache until the outputs are written, and a rerun of the same
-    run resumes from it."""
+    run resumes from it. `outputs` (the CLI's, with `out_dir` declared) applies the output rules of fileio; by
+    default the outputs of an earlier run in `out_dir` are replaced, and other files there are kept."""
     opts = opts or EvalOptions()
     out = Path(out_dir)
+    if outputs is None:
+        outputs = Outputs("pmet eval", force=True)
+        outputs.folder(out, "out_dir")
     references = ReferenceTexts(opts.attribute_snippets, opts.tfidf_dir) \
         if opts.attribute_snippets and opts.tfidf_dir else None
     timings: dict[str, float] = {}
@@ -147,19 +151,18 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
         "resumed_edits": resumed, **(extra or {}),
     }
-    out.mkdir(parents=True, exist_ok=True)
 
-    def write_records(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
+    def write_run(folder: Path) -> None:
+        with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
             for rec, b, a in zip(records, before, after, strict=True):
                 f.write(json.dumps({"case_id": rec.case_id, "request": rec.request.to_dict(),
                                     "unedited": b, "edited": a}) + "\n")
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (folder / "summary.md").write_text(markdown_table([summary]) + "\n", encoding="utf-8")
+        plot_metrics(summary, str(folder / "metrics.png"))
+        plot_margins(records, before, after, summary["method"], str(folder / "margins.png"))
 
-    atomic_write(out / "records.jsonl", write_records)
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown_table([summary]) + "\n"))
-    atomic_write(out / "metrics.png", lambda tmp: plot_metrics(summary, tmp))
-    atomic_write(out / "margins.png", lambda tmp: plot_margins(records, before, after, summary["method"], tmp))
+    outputs.write({out: write_run})
     if progress_file is not None:
         progress_file.unlink(missing_ok=True)
     return summary
