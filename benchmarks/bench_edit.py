@@ -1,5 +1,10 @@
 """Speed of the two batched stages, each against its baseline run in the same process.
 
+0. Target optimisation (Eq. 10), suffix replay (the default: each step replays layers L..N-1 only at positions
+   from the subject's last token on) vs full replay (every position), same requests and config: time per
+   request and per Adam step, step counts, the largest relative difference of v, and the peak memory of each.
+   `--only-replay` runs this part alone.
+
 1. Target optimisation (Eq. 10) for N CounterFact requests: all requests in one batch vs one request at a
    time (the reference's loop), same config and context templates.
 2. C0 statistics for all critical layers: one pass over the corpus vs one pass per layer.
@@ -21,6 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +56,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar='"FIELD=VALUE ..."',
                     help="config variant of the batched targets, timed against the preset's (repeatable)")
     ap.add_argument("--only-variants", action="store_true", help="skip the one-at-a-time and C0 comparisons")
+    ap.add_argument("--only-replay", action="store_true", help="run the suffix-vs-full replay comparison only")
+    ap.add_argument("--peak-memory-of", choices=["full", "suffix"], help=argparse.SUPPRESS)  # the child's job
     args = ap.parse_args()
     variants = [parse_overrides(v.split(), option="--variant") for v in args.variant]
 
@@ -73,6 +83,15 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t
 
+    if args.peak_memory_of:
+        print(peak_memory_of(lambda c: compute_targets(model, tok, layout, reqs, templates, c),
+                             cfg.replace(replay=args.peak_memory_of), dev))
+        return
+    argv = [a for a in sys.argv[1:] if a != "--only-replay"]
+    compare_replay(lambda c: timed(lambda: compute_targets(model, tok, layout, reqs, templates, c)), cfg, len(reqs),
+                   dev, argv)
+    if args.only_replay:
+        return
     batched, t_batched = timed(lambda: compute_targets(model, tok, layout, reqs, templates, cfg))
     steps = sum(d.steps for d in batched.diagnostics)
     print(f"targets, preset batches (v_batch_size {cfg.v_batch_size}, v_rows_per_pass {cfg.v_rows_per_pass}, "
@@ -99,6 +118,46 @@ def main() -> None:
                               for layer in cfg.layers])
     print(f"stats ({args.stats_tokens} tokens, {len(cfg.layers)} layers): one pass {t_one:.1f} s, "
           f"one pass per layer {t_per:.1f} s, speed-up x{t_per / t_one:.2f}")
+
+
+def compare_replay(run, cfg, n: int, dev: torch.device, argv: list[str]) -> None:
+    """Full vs suffix replay of the same target optimisation: time, Adam steps, differences; then the peak memory
+    of each, measured in a child process of its own (a sampling thread would slow the timed runs)."""
+    res = {mode: run(cfg.replace(replay=mode)) for mode in ("full", "suffix")}
+    (full, t_full), (suffix, t_suffix) = res["full"], res["suffix"]
+    steps_f, steps_s = ([d.steps for d in r.diagnostics] for r in (full, suffix))
+    diff = (suffix.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
+    for mode, (r, t) in res.items():
+        steps = sum(d.steps for d in r.diagnostics)
+        print(f"targets, {mode} replay: {t:.1f} s, {t / n:.2f} s per request, {1000 * t / max(steps, 1):.0f} ms per "
+              f"request-step ({steps} Adam steps summed over requests)")
+    print(f"suffix replay speed-up x{t_full / t_suffix:.2f}; step counts "
+          f"{'equal for every request' if steps_f == steps_s else f'differ: {steps_f} vs {steps_s}'}; max relative "
+          f"difference of v {float(diff.max()):.2e}")
+    peaks = {mode: _child_peak(argv, mode) for mode in ("full", "suffix")}
+    print(f"peak memory of the target stage (own process each): full {peaks['full']:.0f} MiB, suffix "
+          f"{peaks['suffix']:.0f} MiB, x{peaks['suffix'] / max(peaks['full'], 1e-9):.2f}")
+
+
+def _child_peak(argv: list[str], mode: str) -> float:
+    out = subprocess.run([sys.executable, __file__, *argv, "--peak-memory-of", mode], capture_output=True,
+                         text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def peak_memory_of(run, cfg, dev: torch.device) -> float:
+    """MiB the target stage adds at its peak: CUDA allocator statistics, or the process's peak RSS on a CPU
+    (this process does nothing else afterwards)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run(cfg)
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    with open("/proc/self/status") as f:
+        start = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    run(cfg)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class PMETConfig:
     v_batch_size: int = 64  # requests optimised together in one forward/backward
     v_rows_per_pass: int = 64  # prompts replayed together; rows are grouped by length to limit padding
     v_compute_dtype: str = "float32"  # "bfloat16": autocast the optimisation steps (faster on CPUs with BF16)
+    replay: str = "suffix"  # each step replays layers L..N-1 at positions ≥ the subject's last token only
+    #                         (same targets, pmet/replay.py); "full": at every position (for cross-checks)
     # Weight update (Eq. 8, 9, 11)
     mom2_update_weight: float = 6000.0  # λ
     mom2_dataset: str = "auto"  # corpus for C0: a path, "hf:DATASET[:CONFIG[:SPLIT]]", "self" or "auto"
@@ -123,6 +125,8 @@ class PMETConfig:
             raise bad("update_modules", "MEMIT (target_site=layer_output) updates the FFN only")
         if self.stop_rule not in ("argmax", "loss"):
             raise bad("stop_rule", "must be 'argmax' (PMET, App. D) or 'loss' (MEMIT/ROME: loss < stop_loss only)")
+        if self.replay not in ("suffix", "full"):
+            raise bad("replay", "must be 'suffix' (positions ≥ the subject's last token) or 'full'")
         if self.v_compute_dtype not in ("float32", "bfloat16", "float16"):
             raise bad("v_compute_dtype", "must be float32, bfloat16 or float16")
         if self.fact_token != "subject_last":

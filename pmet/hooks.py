@@ -139,14 +139,17 @@ class LayerInputs:
 
     def select_rows(self, rows: torch.Tensor, batch_size: int) -> None:
         """Keep only batch rows `rows` in every recorded tensor whose first dimension is the batch."""
+        self.calls = {i: (select_batch_rows(a, rows, batch_size), select_batch_rows(k, rows, batch_size))
+                      for i, (a, k) in self.calls.items()}
 
-        def sel(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size:
-                return x.index_select(0, rows)
-            if isinstance(x, tuple):
-                return tuple(sel(v) for v in x)
-            if isinstance(x, dict):
-                return {k: sel(v) for k, v in x.items()}
-            return x
 
-        self.calls = {i: (sel(a), sel(k)) for i, (a, k) in self.calls.items()}
+def select_batch_rows(x: Any, rows: torch.Tensor, batch_size: int) -> Any:
+    """`x` with only batch rows `rows` in every tensor (nested in tuples and dicts) whose first dimension is the
+    batch; other values unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch_size:
+        return x.index_select(0, rows)
+    if isinstance(x, tuple):
+        return tuple(select_batch_rows(v, rows, batch_size) for v in x)
+    if isinstance(x, dict):
+        return {k: select_batch_rows(v, rows, batch_size) for k, v in x.items()}
+    return x

@@ -3,8 +3,9 @@ even-spread and update-attn ablations) optimise each request once.
 
 Key: the model fingerprint (a different or already-edited model has another), the request's subject, prompt and
 new target, the context templates, and every config field the optimisation reads (`TARGET_FIELDS`, L included).
-Not in the key: the batch layout (`v_batch_size`, `v_rows_per_pass`); batched and one-at-a-time optimisation agree
-to float rounding (docs/PERFORMANCE.md). Files are safetensors, written atomically; nothing is unpickled.
+Not in the key: the batch layout (`v_batch_size`, `v_rows_per_pass`) and `replay`; batched and one-at-a-time
+optimisation, and suffix and full replay, agree to float rounding (docs/PERFORMANCE.md). Files are safetensors,
+written atomically; nothing is unpickled.
 """
 
 from __future__ import annotations

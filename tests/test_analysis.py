@@ -311,4 +311,5 @@ def test_components_cli_smollm2(tmp_path, data_dir, smol):
     assert len(rows) == 2 * n and {r["component"] for r in rows} == {"mhsa", "ffn"}
     png = (out / "components.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) < 200_000
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [".pmet-outputs.json"]  # pmet's manifest, and no staging leftovers

@@ -1,0 +1,131 @@
+"""Suffix replay (pmet.replay): replaying layers L..N-1 only at positions ≥ cut, attending to the clean prefix's
+keys and values, gives the states of the full replay, on every architecture family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pmet.arch import layout_of
+from pmet.hooks import LayerInputs, Trace
+from pmet.prompts import pad_right
+from pmet.replay import LayerReplay
+from pmet.targets import compute_targets
+
+from .test_engine import REQUESTS, TEMPLATES, cfg_for
+from .tiny import ARCHS, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _recorded(model, start: int, rows: list[list[int]]):
+    layout = layout_of(model)
+    ids, mask = pad_right(rows, 0, "cpu")
+    with torch.no_grad(), LayerInputs(model.get_submodule(layout.spec.layers), start) as cap:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return model.get_submodule(layout.spec.layers), cap
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_suffix_replay_reproduces_the_full_replay(arch):
+    """Rows of different lengths (right padding), a cut inside them, and a change added at a position ≥ cut: the
+    suffix replay's states equal the full replay's at every position it replays (real tokens)."""
+    model = tiny_model(arch)
+    torch.manual_seed(0)
+    lengths = [11, 8, 13]
+    rows = [torch.randint(3, 300, (n,)).tolist() for n in lengths]
+    starts, ends = torch.tensor([5, 2, 6]), torch.tensor(lengths)  # a different first replayed position per row
+    layers, cap = _recorded(model, 2, rows)
+    full = LayerReplay(layers, cap, starts, ends, mode="full")
+    layers, cap = _recorded(model, 2, rows)
+    suffix = LayerReplay(layers, cap, starts, ends, mode="suffix")
+    assert not full.starts.any() and suffix.starts.tolist() == [5, 2, 6] and suffix.cap is None  # suffix path taken
+    site = layout_of(model).ffn_out(2)
+    bump = torch.randn(32)  # every tiny model has width 32
+
+    def add(replay: LayerReplay):
+        def edit(out: torch.Tensor) -> torch.Tensor:
+            return out.index_put((torch.arange(3), 6 - replay.starts), bump, accumulate=True)  # position 6 of each row
+        return edit
+
+    with torch.no_grad():
+        with Trace(model, edits={site: add(full)}):
+            h_full = full(full.hidden)
+        with Trace(model, edits={site: add(suffix)}):
+            h_suffix = suffix(suffix.hidden)
+    assert h_suffix.shape[1] == int((ends - starts).max())
+    for r, n in enumerate(lengths):
+        s = int(starts[r])
+        torch.testing.assert_close(h_suffix[r, : n - s], h_full[r, s:n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_suffix_and_full_replay_give_the_same_targets(arch):
+    """Eq. 10 end to end: the same Adam steps and stops for every request, and the same targets to float32
+    rounding carried through six Adam steps (whose first update is lr·sign(g), so rounding-level gradients move)."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    layout = layout_of(model)
+    full = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for(replay="full"))
+    suffix = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for(replay="suffix"))
+    assert [d.steps for d in full.diagnostics] == [d.steps for d in suffix.diagnostics]
+    assert [d.stop for d in full.diagnostics] == [d.stop for d in suffix.diagnostics]
+    rel = (suffix.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
+    assert float(rel.max()) < 1e-3
+    if full.attn is not None:
+        assert float(((suffix.attn - full.attn).norm(dim=-1) / full.attn.norm(dim=-1)).max()) < 1e-3
+
+
+def test_suffix_replay_under_bfloat16_autocast():
+    """The clean prefix (float32) is cast to the suffix's dtype; targets stay close to the full replay's."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    layout = layout_of(model)
+    full = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for(replay="full", v_compute_dtype="bfloat16"))
+    suffix = compute_targets(model, tok, layout, REQUESTS, TEMPLATES,
+                             cfg_for(replay="suffix", v_compute_dtype="bfloat16"))
+    rel = (suffix.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
+    assert torch.isfinite(suffix.ffn).all() and float(rel.max()) < 5e-2
+
+
+def test_replay_field_is_validated():
+    from pmet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="replay"):
+        cfg_for(replay="partial")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_clean_keys_and_values_are_recorded_in_the_clean_forward(arch):
+    """RecordKeyValues hands each layer ≥ L a recording cache: every such layer's keys/values are kept, the
+    outputs are unchanged, and the replay built on them needs no second pass."""
+    from pmet.replay import RecordKeyValues
+
+    model = tiny_model(arch)
+    layers = model.get_submodule(layout_of(model).spec.layers)
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+        with RecordKeyValues(layers, 2) as kv:
+            recorded = model(input_ids=ids, use_cache=False).logits
+    assert sorted(kv.recorder.keys) == [2, 3] and kv.recorder.keys[2].shape[0] == 2
+    assert kv.recorder.keys[3].shape[-2] == 9
+    torch.testing.assert_close(recorded, plain)
+
+
+@pytest.mark.slow
+def test_suffix_replay_on_smollm2_matches_the_full_replay(smol, examples_path):
+    """The real model, the tuned preset and pmet's own context templates: identical Adam step counts and stops,
+    targets equal to float32 rounding."""
+    from pmet.config import load_config
+    from pmet.editor import context_templates_for
+    from pmet.models import fingerprint
+    from pmet.requests import load_requests
+
+    cfg = load_config("smollm2-135m").replace(v_num_grad_steps=10)
+    reqs = load_requests(examples_path, limit=3)
+    templates = context_templates_for(smol.model, smol.tok, cfg, fingerprint(smol.model))
+    layout = layout_of(smol.model)
+    full = compute_targets(smol.model, smol.tok, layout, reqs, templates, cfg.replace(replay="full"))
+    suffix = compute_targets(smol.model, smol.tok, layout, reqs, templates, cfg.replace(replay="suffix"))
+    assert [(d.steps, d.stop) for d in full.diagnostics] == [(d.steps, d.stop) for d in suffix.diagnostics]
+    rel = (suffix.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
+    assert float(rel.max()) < 1e-3
