@@ -21,7 +21,7 @@ from .console import METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
 from .console import fail_line as _fail_line
 from .errors import ConfigError, PmetError
-from .fileio import Outputs
+from .fileio import Outputs, json_writer
 
 FORCE_HELP = "Replace outputs that exist (in an --out folder, only the files pmet wrote there)."
 
@@ -55,11 +55,6 @@ def parse_layers(layers: str | None, option: str = "--layers") -> list[int] | No
         return [int(x) for x in layers.split(",")]
     except ValueError:
         raise ConfigError(f"{option} {layers!r}: expected comma-separated layer numbers, e.g. 3,4,5") from None
-
-
-def _json_to(data: Any) -> Any:
-    """A writer of `data` as indented JSON onto a staging path."""
-    return lambda path: Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _model_to(lm: Any) -> Any:
@@ -214,11 +209,8 @@ def edit(
     if out is not None:
         writers[out] = lambda folder: (result.save(folder), save_model and _model_to(lm)(folder / "model"))
     if report is not None:
-        writers[report] = _json_to(data)
-    try:
-        outputs.write(writers)
-    except PmetError as e:
-        _fail(str(e))
+        writers[report] = json_writer(data)
+    outputs.write(writers)  # a PmetError here is reported by main() as one line
     if out is not None:
         out_console.print(f"patch written to {out / 'patch.safetensors'}"
                           + (f"; edited model in {out / 'model'}" if save_model else ""))
@@ -389,15 +381,12 @@ def trace(
     }
 
     def write(folder: Path) -> None:
-        _json_to(data)(folder / "trace.json")
+        json_writer(data)(folder / "trace.json")
         ct.plot_grouped(mean, len(traces), model, str(folder / "average_indirect_effect.png"))
         for i, t in enumerate(traces[:plot_facts]):
             ct.plot_fact(t, str(folder / f"fact_{i}.png"))
 
-    try:
-        outputs.write({out: write})
-    except PmetError as e:
-        _fail(str(e))
+    outputs.write({out: write})  # a PmetError here is reported by main() as one line
     out_console.print(f"traced {len(traces)} facts the model knows (of {len(raw)}); noise {noise:.3g}")
     if suggested is not None:
         out_console.print(f"suggested critical layers (max FFN effect at the last subject token, span {span}): "

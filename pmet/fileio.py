@@ -55,10 +55,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, data: object) -> Path:
-    """`data` as indented UTF-8 JSON, atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n",
-                                                                encoding="utf-8"))
+def json_writer(data: object, ensure_ascii: bool = True) -> Callable[[str | os.PathLike], None]:
+    """A writer of `data` as indented UTF-8 JSON, for `atomic_write` or `Outputs.write`."""
+    def write(path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
+    return write
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -193,8 +194,7 @@ def _check_collisions(dest: Path, names: Iterable[str], option: str) -> None:
 
 
 def _write_manifest(folder: Path, command: str, entries: list[str]) -> None:
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(
-        json.dumps({"written_by": command, "entries": entries}, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(folder / MANIFEST, json_writer({"written_by": command, "entries": entries}))
 
 
 def _remove(path: Path) -> None:

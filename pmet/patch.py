@@ -177,7 +177,7 @@ class EditResult:
         recorded SHA-256, and original + Δ the recorded edited SHA-256."""
         original_sha, edited_sha = self.originals_sha(), self.edited_sha()
         for name, w in recorded.items():
-            if self.updates_by_name[name].delta.shape != self.originals[name].shape:
+            if self.deltas[name].shape != self.originals[name].shape:
                 raise PatchError(f"patch {source}: weight '{name}': Δ and original differ in shape")
             if w.get("sha256_original") != original_sha[name]:
                 raise PatchError(f"patch {source}: weight '{name}': the stored original does not match its "
@@ -185,10 +185,6 @@ class EditResult:
             if w.get("sha256_edited") != edited_sha[name]:
                 raise PatchError(f"patch {source}: weight '{name}': original + Δ does not give the recorded edited "
                                  "weight (the patch was altered or damaged)")
-
-    @property
-    def updates_by_name(self) -> dict[str, LayerUpdate]:
-        return {u.weight: u for u in self.updates}
 
 
 def _meta_json(meta: dict[str, str], key: str, p: Path, default: Any = None) -> Any:

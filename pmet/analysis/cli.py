@@ -7,7 +7,6 @@ succeeded (staged beside their destination, then moved into place: fileio.Output
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from rich.table import Table
 from ..console import MODEL_HELP, out_console
 from ..console import fail as _fail
 from ..errors import ConfigError, PmetError
-from ..fileio import Outputs
+from ..fileio import Outputs, json_writer
 
 FORCE_HELP = "Replace outputs that exist in --out (only the files pmet wrote there)."
 
@@ -30,13 +29,6 @@ def _write_outputs(outputs: Outputs, out: Path, writers: dict[str, Callable[[Pat
     """Call each writer on a staging path, then move every file into `out` (fileio.Outputs' rules)."""
     outputs.write({out: lambda folder: [write(folder / name) for name, write in writers.items()]})
     return [out / name for name in writers]
-
-
-def _json_writer(data: object) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    return write
 
 
 def _csv_writer(rows: list[dict]) -> Callable[[Path], None]:
@@ -99,7 +91,7 @@ def components(
                "timings": {"load_s": round(t1 - t0, 2), "analysis_s": round(t2 - t1, 2)}}
     title = f"{model}: hidden-state change through MHSA and FFN (last token, {stats.n_facts} facts, k={top_k})"
     paths = _write_outputs(outputs, out, {
-        "components.json": _json_writer(summary),
+        "components.json": json_writer(summary, ensure_ascii=False),
         "components.csv": _csv_writer(stats.csv_rows()),
         "components.png": lambda p: plot_components(summary, p, title=title),
     })
@@ -152,7 +144,7 @@ def deltas(
         lines = series(rows)
         data = {"rows": rows, "series": {k: {"layers": v[0], "norms": v[1]} for k, v in lines.items()}}
         paths = _write_outputs(outputs, out, {
-            "deltas.json": _json_writer(data),
+            "deltas.json": json_writer(data, ensure_ascii=False),
             "deltas.csv": _csv_writer(rows),
             "deltas.png": lambda p: plot_deltas(lines, p, title=title),
         })
