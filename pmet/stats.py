@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import time
@@ -51,6 +52,7 @@ from .hooks import Trace
 from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
 from .prompts import pad_right
+from .sampling import SCHEME, eos_token_ids, sample
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ TEXT_SUFFIXES = (".txt", ".raw", ".md")
 AUTO_HF = "Salesforce/wikitext:wikitext-103-raw-v1:train"
 DEFAULT_SEQ_LEN = 256
 # "self" corpus: sampling settings (documented choices).
-SELF_BATCH = 32  # sequences generated per call of model.generate
+SELF_BATCH = 256  # most sequences sampled at a time (fewer when fewer tokens are asked for)
 SELF_NEW_TOKENS = 128  # new tokens per sequence (fewer when the model emits EOS)
 SELF_TOP_K = 50  # top-k sampling, temperature 1 (Hugging Face's default top_k)
 SELF_STARTS = ("The", "In", "A", "It", "This", "When", "He", "She", "There", "After", "On", "We")
@@ -205,58 +207,47 @@ def _bos_is_document_start(tok: PreTrainedTokenizerBase) -> bool:
     return bos in tok("a")["input_ids"] and bos not in tok("a", add_special_tokens=False)["input_ids"]
 
 
-def _iter_self_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, seed: int) -> Iterator[str]:
-    """Endless texts sampled from the model: batches of SELF_BATCH sequences of up to SELF_NEW_TOKENS new
-    tokens, top-k (k=SELF_TOP_K) sampling at temperature 1, with the KV cache. Each batch starts from the BOS
-    token when it marks document starts, else from one of SELF_STARTS (batch i uses start i mod 12, so no
-    padding is needed). Batch i is sampled under torch seed (seed, i), so the stream is deterministic."""
-    device = next(model.parameters()).device
-    use_bos = _bos_is_document_start(tok)
+def _iter_self_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, seed: int,
+                     rows: int = SELF_BATCH) -> Iterator[str]:
+    """Endless texts sampled from the model with the KV cache (`pmet.sampling.sample`). Text j has up to
+    SELF_NEW_TOKENS new tokens, drawn by top-k (k=SELF_TOP_K) sampling at temperature 1 with the random stream
+    seeded by seed · 1,000,003 + j; it starts from the BOS token when that marks document starts, else from
+    the word SELF_STARTS[j mod 12] (kept in the text). Texts are sampled `rows` at a time (at most
+    SELF_BATCH); which texts come out does not depend on `rows`."""
+    rows = max(1, min(rows, SELF_BATCH))
+    starts = [[tok.bos_token_id]] if _bos_is_document_start(tok) else [tok(w)["input_ids"] for w in SELF_STARTS]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    empty_batches = 0
-    i = 0
+    eos = eos_token_ids(model, tok)
+    empty_batches, j = 0, 0
     while True:
-        if use_bos:
-            prompt = torch.full((SELF_BATCH, 1), tok.bos_token_id, dtype=torch.long)
-        else:
-            ids = tok(SELF_STARTS[i % len(SELF_STARTS)])["input_ids"]
-            prompt = torch.tensor([ids] * SELF_BATCH, dtype=torch.long)
-        prompt = prompt.to(device)
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed * 1_000_003 + i)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                top_k=SELF_TOP_K,
-                top_p=1.0,
-                temperature=1.0,
-                max_new_tokens=SELF_NEW_TOKENS,
-                pad_token_id=pad_id,
-                use_cache=True,
-            )
-        skip = prompt.shape[1] if use_bos else 0  # keep the generic start word, drop a BOS
-        texts = [t for t in tok.batch_decode(out[:, skip:], skip_special_tokens=True) if t.strip()]
+        idx = range(j, j + rows)
+        prompts = [starts[i % len(starts)] for i in idx]
+        new = sample(model, prompts, [SELF_NEW_TOKENS] * rows, [seed * 1_000_003 + i for i in idx],
+                     top_k=SELF_TOP_K, eos_ids=eos, pad_id=pad_id)
+        texts = [t for t in tok.batch_decode([p + n for p, n in zip(prompts, new, strict=True)],
+                                             skip_special_tokens=True) if t.strip()]
         empty_batches = 0 if texts else empty_batches + 1
         if empty_batches >= 10:
             raise CorpusError("corpus 'self': the model generated no text in 10 batches")
         yield from texts
-        i += 1
+        j += rows
 
 
 def iter_corpus_texts(
-    spec: CorpusSpec | str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, *, seed: int = 0
+    spec: CorpusSpec | str, model: PreTrainedModel, tok: PreTrainedTokenizerBase, *, seed: int = 0,
+    n_tokens: int | None = None,
 ) -> Iterator[str]:
     """The texts of a corpus, in order: non-blank lines of the file(s), the 'text' column of a dataset, or
-    (endlessly) texts sampled from `model` (deterministic given `seed`; see `_iter_self_texts`)."""
+    (endlessly) texts sampled from `model` (deterministic given `seed`; see `_iter_self_texts`), as many at a
+    time as about `n_tokens` tokens need."""
     spec = parse_corpus(spec)
     if spec.kind == "file":
         return _iter_file_texts(spec)
     if spec.kind == "hf":
         return _iter_hf_texts(spec)
     if spec.kind == "self":
-        return _iter_self_texts(model, tok, seed)
+        rows = SELF_BATCH if n_tokens is None else math.ceil(1.1 * n_tokens / SELF_NEW_TOKENS)
+        return _iter_self_texts(model, tok, seed, rows)
     raise CorpusError(f"corpus '{spec}': unknown kind '{spec.kind}'")
 
 
@@ -379,7 +370,7 @@ def compute_c0(
 
     sums: dict[int, torch.Tensor] = {}
     counted = 0
-    texts = iter_corpus_texts(spec, model, tok, seed=seed)
+    texts = iter_corpus_texts(spec, model, tok, seed=seed, n_tokens=n_tokens)
     with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="C0 keys", disable=not progress) as bar:
         for ids, mask in iter_batches(texts, tok, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id):
             remaining = n_tokens - counted
@@ -429,7 +420,7 @@ def _safe(s: str) -> str:
 
 def corpus_id(spec: CorpusSpec, *, seed: int = 0) -> str:
     """A short filesystem-safe id of a corpus: file name + hash of (paths, sizes, mtimes); the dataset id;
-    or 'self-seed{seed}'."""
+    or 'self-<sampling.SCHEME>-seed{seed}'."""
     if spec.kind == "file":
         files = _corpus_files(Path(spec.ident), spec.ident)
         h = hashlib.sha256()
@@ -439,7 +430,7 @@ def corpus_id(spec: CorpusSpec, *, seed: int = 0) -> str:
         return f"{_safe(Path(spec.ident).name)[:48]}-{h.hexdigest()[:12]}"
     if spec.kind == "hf":
         return _safe(spec.ident)[:96]
-    return f"self-seed{seed}"
+    return f"self-{SCHEME}-seed{seed}"
 
 
 def _cache_file(folder: Path, module: str, cid: str, n_tokens: int, dtype: str, seq_len: int) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -284,7 +285,7 @@ def test_corpus_id_tracks_file_changes(tmp_path):
     assert first.startswith("a.txt-") and len(first.split("-")[-1]) == 12
     p.write_text("another, longer line\n")
     assert stats.corpus_id(spec) != first
-    assert stats.corpus_id(CorpusSpec("self", "self"), seed=3) == "self-seed3"
+    assert stats.corpus_id(CorpusSpec("self", "self"), seed=3) == "self-rows1-seed3"
 
 
 # ------------------------------------------------------------------------------------------------ corpora
@@ -343,6 +344,9 @@ def test_self_corpus_exact_count_and_deterministic(llama, tok, monkeypatch):
     assert torch.equal(c0[1], again[1])
     other, _ = compute_c0(llama, tok, [1], "self", 300, seq_len=64, batch_size=4, seed=6, progress=False)
     assert not torch.equal(c0[1], other[1])
+    # the texts do not depend on how many are sampled at a time
+    rows1 = stats._iter_self_texts(llama, tok, 5, rows=1)
+    assert [next(rows1) for _ in range(6)] == list(itertools.islice(stats._iter_self_texts(llama, tok, 5, 4), 6))
     # sampling must not disturb the caller's RNG stream
     torch.manual_seed(0)
     expected = torch.rand(3)

@@ -24,6 +24,7 @@ from ..baselines.checkpoint import requests_digest, saved_edits
 from ..config import PMETConfig
 from ..fileio import Outputs, atomic_write
 from ..methods import REVISION, SEQUENTIAL, apply_method
+from ..sampling import SCHEME
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
@@ -38,7 +39,7 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     key = hashlib.blake2b(json.dumps({
         "fingerprint": fp, "records": [[r.case_id, r.request.to_dict(), r.locality_answers]
                                                           for r in records],
-        "options": asdict(opts), "dtype": str(next(lm.model.parameters()).dtype),
+        "options": asdict(opts), "sampling": SCHEME, "dtype": str(next(lm.model.parameters()).dtype),
     }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
     path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
     if path.exists():

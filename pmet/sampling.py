@@ -1,0 +1,103 @@
+"""Top-k sampling with a KV cache: the one sampler behind the fluency generations (evaluation) and the 'self'
+statistics corpus (C0 without a text corpus).
+
+ROME's `generate_fast` samples from the full softmax restricted to its k largest entries, at temperature 1.
+Here the draw is made among the k largest logits only (their softmax is that restricted distribution), so a
+step costs k random numbers per row instead of one per vocabulary entry; only the last position's logits are
+computed (`logits_to_keep=1`). Rows are left-padded so every row's next token sits in the last column; each row
+has its own budget of new tokens and stops at an end-of-sequence token, and finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SCHEME = "rows1"  # names this sampler in cache keys of sampled outputs: change it when the samples change
+DROP_FRACTION = 8  # finished rows leave the batch once they are ≥ 1/8 of it (each drop copies the KV cache)
+
+
+def eos_token_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
+    """The model's end-of-sequence ids (its generation config may list several), else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = tok.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def cache_kwargs(model: PreTrainedModel, cache: object) -> dict[str, object]:
+    """The KV cache as the model's forward takes it (`cache`; `past_key_values` before transformers 5.24)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask, left-padded to the longest sequence."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s):] = torch.as_tensor(list(s))
+            mask[r, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+    """(rows, steps) uniform numbers, row r drawn from its own generator seeded with seeds[r]: a row's sample
+    depends on its seed alone, not on the batch it is drawn in."""
+    u = [torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds]
+    return torch.stack(u).to(device)
+
+
+def draw_top_k(logits: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits) restricted to its k largest entries (temperature 1), by inverting
+    that distribution's CDF at the row's uniform number u."""
+    vals, idx = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+    cdf = torch.softmax(vals.double(), dim=-1).cumsum(-1)
+    choice = (cdf < u[:, None]).sum(-1, keepdim=True).clamp(max=vals.shape[-1] - 1)
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+           seeds: Sequence[int], *, top_k: int, eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+    """New token ids for each prompt (at most `max_new_tokens[i]`, ending at the first end-of-sequence token,
+    which is kept), prompt i's random draws seeded by seeds[i]. All prompts run as one batch."""
+    device = next(model.parameters()).device
+    n = len(prompts)
+    out: list[list[int]] = [[] for _ in range(n)]
+    budget = torch.as_tensor(list(max_new_tokens), device=device)
+    rows = torch.arange(n, device=device)  # prompt index of each live batch row
+    ids, mask = left_pad(prompts, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.as_tensor(list(eos_ids), device=device)
+    live = budget > 0
+    u = row_uniforms(seeds, int(budget.max()) if n else 0, device)
+    step, cache, tokens = 0, None, []
+    with torch.no_grad():
+        while bool(live.any()):
+            if int((~live).sum()) * DROP_FRACTION >= len(live):  # drop finished rows
+                keep = live.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                ids, mask, pos, rows, budget, u = ids[keep], mask[keep], pos[keep], rows[keep], budget[keep], u[keep]
+                live = live[keep]
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **cache_kwargs(model, cache))
+            cache = res.past_key_values if getattr(res, "past_key_values", None) is not None else res.cache
+            nxt = draw_top_k(res.logits[:, -1], top_k, u[:, step])
+            nxt = torch.where(live, nxt, pad_id)
+            tokens.append(torch.stack([rows, nxt, live.long()], -1))
+            step += 1
+            live = live & ~torch.isin(nxt, eos) & (budget > step)
+            ids, pos = nxt[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    if not tokens:
+        return out
+    steps = torch.cat(tokens)  # (prompt index, token, live) per row and step, in step order
+    steps = steps[steps[:, 2] == 1]
+    steps = steps[torch.sort(steps[:, 0], stable=True).indices]
+    counts = torch.bincount(steps[:, 0], minlength=n).tolist()
+    for r, chunk in enumerate(steps[:, 1].cpu().split(counts)):
+        out[r] = chunk.tolist()
+    return out
