@@ -25,7 +25,7 @@ from pmet.requests import make_request
 from pmet.target_cache import cached_targets
 
 from .test_engine import REQUESTS, TEMPLATES, cfg_for, identity_c0
-from .tiny import tiny_model, tiny_tokenizer
+from .tiny import ARCHS, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,12 +47,15 @@ def _records(dataset="counterfact"):
     return [EvalRecord(r, i, "counterfact", "rome") for i, r in enumerate(reqs)]
 
 
-def test_score_rows_matches_full_logits_with_padding():
-    """Compact, length-sorted scoring equals the metric functions on the full right-padded logits."""
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_score_rows_matches_full_logits_with_padding(arch):
+    """Scoring each prompt once and its targets from the prompt's KV cache (left-padded batches, several targets
+    per prompt, one- and multi-token targets) equals the metric functions on full right-padded forwards."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
     rows = [(tuple(tok(p)["input_ids"]), target_ids(tok, t)) for p, t in
             [("The mother tongue of Danielle Darrieux is", "English"), ("Toko Yasuda plays the", "piano keyboard"),
-             ("A", "the cat sat on")]]
+             ("A", "the cat sat on"), ("Toko Yasuda plays the", "guitar"), ("A", "the dog"),
+             ("The mother tongue of Danielle Darrieux is", "French and German")]]
     got = score_rows(model, tok, rows, batch_size=2)
     ids, mask = pad_right([p + t for p, t in rows], tok.pad_token_id)
     with torch.no_grad():
@@ -60,9 +63,9 @@ def test_score_rows_matches_full_logits_with_padding():
     p_len = torch.tensor([len(p) for p, _ in rows])
     t_len = torch.tensor([len(t) for _, t in rows])
     want = M.mean_logprob_of_continuations(logits, ids, p_len, t_len)
-    assert got.mean_logprob == pytest.approx(want.tolist(), abs=1e-5)
+    assert got.mean_logprob == pytest.approx(want.tolist(), abs=1e-4)
     hits, _ = M.target_token_correct(logits, ids, p_len, t_len)
-    assert [h for h in got.hits] == [hits[i, : t_len[i]].tolist() for i in range(3)]
+    assert [h for h in got.hits] == [hits[i, : t_len[i]].tolist() for i in range(len(rows))]
     assert [len(a) for a in got.argmax] == t_len.tolist()
 
 

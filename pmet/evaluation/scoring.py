@@ -1,10 +1,13 @@
-"""Teacher-forced scoring of (prompt, target) rows in length-sorted batches: the one forward pass all
-probability- and token-level metrics are read from.
+"""Teacher-forced scoring of (prompt, target) rows: the one forward pass all probability- and token-level
+metrics are read from.
 
-Each row is prompt ids followed by target ids, right-padded. The forward pass stops at the final norm; the
-vocabulary projection is applied only at the positions that predict a target token, and those logits are laid
-out in the *compact* form the functions of `metrics.py` take: row b holds [x, y_0 .. y_{n-1}] with prompt length 1,
-and logits[b, j] is the distribution predicting y_j (ROME's `logits[i, prefix_len + j - 1]`).
+Each distinct prompt runs once: prompts are sorted by length, left-padded into batches and run with the KV cache;
+the distribution at a prompt's last token predicts the first token of every target scored after it. Targets
+longer than one token then run from the prompt's cached keys and values (`y_0 .. y_{n-2}` as input, predicting
+`y_1 .. y_{n-1}`), so CounterFact's new and true targets share one pass over their prompt. The forward passes stop
+at the final norm; the vocabulary projection is applied only at the positions that predict a target token, laid
+out in the *compact* form the functions of `metrics.py` take: row b holds [x, y_0 .. y_{n-1}] with prompt length
+1, and logits[b, j] is the distribution predicting y_j (ROME's `logits[i, prefix_len + j - 1]`).
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..arch import layout_of
+from ..arch import ModelLayout, layout_of
 from ..hooks import Trace
 from ..prompts import pad_right, target_ids
+from ..sampling import cache_kwargs, left_pad
 from ..targets import unembed
 from .metrics import mean_logprob_of_continuations, target_token_correct
+
+Row = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass
@@ -35,47 +41,67 @@ def encode_pair(tok: PreTrainedTokenizerBase, prompt: str, target: str) -> tuple
     return tuple(tok(prompt)["input_ids"]), target_ids(tok, target)
 
 
-def score_rows(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-               rows: list[tuple[tuple[int, ...], tuple[int, ...]]], *, batch_size: int = 64,
+def score_rows(model: PreTrainedModel, tok: PreTrainedTokenizerBase, rows: list[Row], *, batch_size: int = 64,
                progress: bool = False, desc: str = "scoring") -> Scored:
-    """Score every (prompt ids, target ids) row; batches are formed from rows sorted by length."""
+    """Score every (prompt ids, target ids) row; `batch_size` distinct prompts (with all their targets) per
+    batch, prompts sorted by length."""
     layout = layout_of(model)
-    device = next(model.parameters()).device
     n = len(rows)
-    mean_lp: list[float] = [0.0] * n
-    hits: list[list[bool]] = [[] for _ in range(n)]
-    argmax: list[list[int]] = [[] for _ in range(n)]
-    order = sorted(range(n), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    out = Scored([0.0] * n, [[] for _ in range(n)], [[] for _ in range(n)])
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(rows):
+        by_prompt.setdefault(prompt, []).append(i)
+    prompts = sorted(by_prompt, key=len)
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     from tqdm.auto import tqdm
 
-    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        full = [rows[i][0] + rows[i][1] for i in idx]
-        ids, mask = pad_right(full, tok.pad_token_id, device)
-        p_len = torch.tensor([len(rows[i][0]) for i in idx], device=device)
-        t_len = torch.tensor([len(rows[i][1]) for i in idx], device=device)
-        width = int(t_len.max())
-        j = torch.arange(width, device=device)
-        valid = j[None, :] < t_len[:, None]
-        pred_pos = torch.where(valid, p_len[:, None] + j[None, :] - 1, torch.zeros_like(j)[None, :])
-        with torch.no_grad():
-            with Trace(model, outputs=[layout.spec.final_norm], stop_after=layout.spec.final_norm) as tr:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            h = tr.outputs[layout.spec.final_norm]
-            b = torch.arange(len(idx), device=device)[:, None].expand_as(pred_pos)
-            logits = unembed(model, layout, h[b[valid], pred_pos[valid]])
-        compact = logits.new_zeros(len(idx), width, logits.shape[-1])
-        compact[valid] = logits
-        compact_ids = torch.zeros(len(idx), width + 1, dtype=torch.long, device=device)
-        tgt = torch.where(valid, ids.gather(1, (p_len[:, None] + j[None, :]).clamp(max=ids.shape[1] - 1)), 0)
-        compact_ids[:, 1:] = tgt
-        ones = torch.ones_like(p_len)
-        lp = mean_logprob_of_continuations(compact, compact_ids, ones, t_len)
-        hit, _ = target_token_correct(compact, compact_ids, ones, t_len)
-        am = compact.argmax(-1)
-        for k, i in enumerate(idx):
-            m = int(t_len[k])
-            mean_lp[i] = float(lp[k])
-            hits[i] = hit[k, :m].tolist()
-            argmax[i] = am[k, :m].tolist()
-    return Scored(mean_lp, hits, argmax)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        members = [(p, i) for p, prompt in enumerate(batch) for i in by_prompt[prompt]]
+        _score_batch(model, tok, layout, batch, [(p, rows[i][1]) for p, i in members], out, [i for _, i in members])
+    return out
+
+
+def _score_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout,
+                 prompts: list[tuple[int, ...]], targets: list[tuple[int, tuple[int, ...]]], out: Scored,
+                 where: list[int]) -> None:
+    """Score `targets` ((prompt index in `prompts`, target ids) each) and write row `where[k]` of `out`."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tok.pad_token_id, device)
+    first, cache = _final_norm(model, layout, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
+    owner = torch.tensor([p for p, _ in targets], device=device)
+    t_len = torch.tensor([len(t) for _, t in targets], device=device)
+    width = int(t_len.max())
+    # normed states predicting y_0 (the prompt's last position) and y_1.. (the target run after the prompt)
+    states = first[:, -1][owner][:, None]
+    if width > 1:
+        cont, cont_mask = pad_right([t[:-1] for _, t in targets], tok.pad_token_id, device)
+        cache.batch_select_indices(owner)
+        pos = mask.sum(-1)[owner][:, None] + torch.arange(width - 1, device=device)
+        later, _ = _final_norm(model, layout, cont, torch.cat([mask[owner], cont_mask], -1), pos, cache)
+        states = torch.cat([states, later], dim=1)
+    j = torch.arange(width, device=device)
+    valid = j[None, :] < t_len[:, None]
+    logits = unembed(model, layout, states[valid])
+    compact = logits.new_zeros(len(targets), width, logits.shape[-1])
+    compact[valid] = logits
+    compact_ids = torch.zeros(len(targets), width + 1, dtype=torch.long, device=device)
+    compact_ids[:, 1:] = pad_right([t for _, t in targets], 0, device)[0]
+    ones = torch.ones_like(t_len)
+    lp = mean_logprob_of_continuations(compact, compact_ids, ones, t_len)
+    hit, _ = target_token_correct(compact, compact_ids, ones, t_len)
+    am = compact.argmax(-1)
+    for k, i in enumerate(where):
+        m = int(t_len[k])
+        out.mean_logprob[i] = float(lp[k])
+        out.hits[i] = hit[k, :m].tolist()
+        out.argmax[i] = am[k, :m].tolist()
+
+
+def _final_norm(model: PreTrainedModel, layout: ModelLayout, ids: torch.Tensor, mask: torch.Tensor,
+                pos: torch.Tensor, cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
+    """The final norm's output at every position of `ids` (the forward stops there), and the KV cache it filled
+    (a new one unless `cache` is given: then `ids` continue the sequences cached in it)."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    with torch.no_grad(), Trace(model, outputs=[layout.spec.final_norm], stop_after=layout.spec.final_norm) as tr:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+    return tr.outputs[layout.spec.final_norm], cache
