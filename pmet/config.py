@@ -62,6 +62,8 @@ class PMETConfig:
     fact_token: str = "subject_last"  # only the subject's last token is supported
     v_batch_size: int = 64  # requests optimised together in one forward/backward
     v_rows_per_pass: int = 64  # prompts replayed together; rows are grouped by length to limit padding
+    batch_sizing: str = "auto"  # "auto": on a CUDA device, v_batch_size / v_rows_per_pass grow to fill free memory
+    #                             (pmet/sizing.py); "fixed": the values above everywhere (always so on a CPU)
     v_compute_dtype: str = "float32"  # "bfloat16": autocast the optimisation steps (faster on CPUs with BF16)
     replay: str = "suffix"  # each step replays layers L..N-1 at positions ≥ the subject's last token only
     #                         (same targets, pmet/replay.py); "full": at every position (for cross-checks)
@@ -127,6 +129,8 @@ class PMETConfig:
             raise bad("stop_rule", "must be 'argmax' (PMET, App. D) or 'loss' (MEMIT/ROME: loss < stop_loss only)")
         if self.replay not in ("suffix", "full"):
             raise bad("replay", "must be 'suffix' (positions ≥ the subject's last token) or 'full'")
+        if self.batch_sizing not in ("auto", "fixed"):
+            raise bad("batch_sizing", "must be 'auto' (fill a GPU's free memory) or 'fixed'")
         if self.v_compute_dtype not in ("float32", "bfloat16", "float16"):
             raise bad("v_compute_dtype", "must be float32, bfloat16 or float16")
         if self.fact_token != "subject_last":

@@ -27,6 +27,7 @@ from .context import ContextTemplates
 from .fileio import atomic_write
 from .models import cache_root
 from .requests import EditRequest
+from .sizing import request_batches
 from .targets import TargetDiagnostics, Targets, optimise_batch, target_progress
 
 TARGET_FIELDS = (
@@ -88,11 +89,11 @@ def cached_targets(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout:
         found = [f if f is None or f[1] is not None else None for f in found]
     missing = [i for i, f in enumerate(found) if f is None]
     # one optimisation batch at a time, each saved as soon as it is done (an interrupted run keeps its work)
-    batches = [missing[i : i + cfg.v_batch_size] for i in range(0, len(missing), cfg.v_batch_size)]
-    with target_progress(len(missing), len(batches), cfg, progress) as bar:
-        for batch in batches:
-            _compute_batch(model, tok, layout, requests, batch, templates, cfg, found, paths, bar.update)
     device = next(model.parameters()).device
+    with target_progress(len(missing), cfg, progress) as bar:
+        for batch, batch_cfg in request_batches(len(missing), cfg, device):
+            _compute_batch(model, tok, layout, requests, [missing[j] for j in batch], templates, batch_cfg, found,
+                           paths, bar.update)
     has_attn = all(f[1] is not None for f in found) and cfg.attn_delta and cfg.target_site == "components"
     return Targets(
         ffn=torch.stack([f[0] for f in found]).to(device),

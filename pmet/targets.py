@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -32,6 +33,7 @@ from .hooks import LayerInputs, Trace
 from .prompts import Encoded, compose, encode, pad_right, target_ids
 from .replay import LayerReplay, RecordKeyValues
 from .requests import EditRequest
+from .sizing import request_batches
 
 
 @dataclass
@@ -121,11 +123,11 @@ def compute_targets(
     *,
     progress: bool = False,
 ) -> Targets:
-    """Eq. 10 for all requests, `cfg.v_batch_size` requests per optimisation batch."""
-    starts = range(0, len(requests), cfg.v_batch_size)
-    with target_progress(len(requests), len(starts), cfg, progress) as bar:
-        parts = [optimise_batch(model, tok, layout, requests[i : i + cfg.v_batch_size], templates, cfg,
-                                 on_step=bar.update) for i in starts]
+    """Eq. 10 for all requests, in optimisation batches of `cfg.v_batch_size` requests (pmet.sizing)."""
+    device = next(model.parameters()).device
+    with target_progress(len(requests), cfg, progress) as bar:
+        parts = [optimise_batch(model, tok, layout, [requests[i] for i in batch], templates, batch_cfg,
+                                on_step=bar.update) for batch, batch_cfg in request_batches(len(requests), cfg, device)]
     attn = None if parts[0].attn is None else torch.cat([p.attn for p in parts])
     return Targets(
         ffn=torch.cat([p.ffn for p in parts]),
@@ -134,13 +136,13 @@ def compute_targets(
     )
 
 
-def target_progress(n_requests: int, n_batches: int, cfg: PMETConfig, enabled: bool) -> Any:
-    """A progress bar over the Adam-step budget of every batch (a batch that stops early skips ahead), so the
-    job's size and an estimated time show after its first step."""
+def target_progress(n_requests: int, cfg: PMETConfig, enabled: bool) -> Any:
+    """A progress bar over the Adam-step budget of each request (a request that stops early skips ahead: its
+    batch reports the unused budget), so the job's size and an estimated time show after the first step."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=n_batches * cfg.v_num_grad_steps, unit="step", disable=not enabled,
-                desc=f"targets: {n_requests} requests in {n_batches} batch{'es' if n_batches != 1 else ''}")
+    return tqdm(total=n_requests * cfg.v_num_grad_steps, unit="req-step", unit_scale=True, disable=not enabled,
+                desc=f"targets: {n_requests} requests")
 
 
 def optimise_batch(
@@ -174,7 +176,7 @@ def optimise_batch(
     kl_init = None  # (n_req, vocab) log P_orig on each request's KL prompt, from step 0 (all deltas zero)
 
     for it in range(cfg.v_num_grad_steps):
-        on_step(1)
+        on_step(len(requests))
         opt.zero_grad(set_to_none=True)
         nll_states, kl_states = _replay_passes(model, passes, edits, rows, cfg, device)
         if kl_init is None:
@@ -197,7 +199,7 @@ def optimise_batch(
         if bool(finishing.any()):  # drop finished requests' rows from the replayed passes
             for ps in passes:
                 ps.keep(~state.done[rows.req[ps.rows]])
-    on_step(cfg.v_num_grad_steps - 1 - it)  # the unused budget of a batch that stopped early
+    on_step(len(requests) * (cfg.v_num_grad_steps - 1 - it))  # the unused budget of a batch that stopped early
     return _targets(m0, delta_m.detach(), a0, delta_a.detach() if delta_a is not None else None, state)
 
 
@@ -252,7 +254,9 @@ class _Pass:
         self.rows = self.rows[sel]
 
 
-PASS_OVERHEAD = 48  # the cost of one more replayed pass per step, in replayed positions (measured on a CPU)
+# The cost of one more replayed pass per step, in replayed positions: measured on a CPU; on a CUDA device an
+# estimate (a pass's ~10³ kernel launches against the positions per second of a small model).
+PASS_OVERHEAD = {"cpu": 48, "cuda": 512}
 
 
 def _pass_rows(plan: _Plan, cfg: PMETConfig, device: torch.device) -> list[torch.Tensor]:
@@ -264,16 +268,16 @@ def _pass_rows(plan: _Plan, cfg: PMETConfig, device: torch.device) -> list[torch
     order, step = sorted(range(len(width)), key=lambda j: width[j]), cfg.v_rows_per_pass
     if cfg.replay == "full":
         return [torch.tensor(order[i : i + step], device=device) for i in range(0, len(order), step)]
-    best, start = [0] + [None] * len(order), [0] * (len(order) + 1)
-    for k in range(1, len(order) + 1):
-        for i in range(max(0, k - step), k):  # the last pass is order[i:k]; its widest row is order[k-1]
-            cost = best[i] + (k - i) * width[order[k - 1]] + PASS_OVERHEAD
-            if best[k] is None or cost < best[k]:
-                best[k], start[k] = cost, i
+    overhead = PASS_OVERHEAD.get(device.type, PASS_OVERHEAD["cuda"])
+    best, start = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
+    for k in range(1, len(order) + 1):  # the last pass is order[i:k] for the best i; its widest row is order[k-1]
+        i = np.arange(max(0, k - step), k)
+        cost = best[i] + (k - i) * width[order[k - 1]] + overhead
+        best[k], start[k] = cost.min(), i[cost.argmin()]
     cuts, k = [], len(order)
     while k:
         cuts.append(torch.tensor(order[start[k] : k], device=device))
-        k = start[k]
+        k = int(start[k])
     return cuts[::-1]
 
 

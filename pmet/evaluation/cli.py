@@ -31,7 +31,10 @@ def eval_command(
     generation_length: int = typer.Option(100, help="Tokens per generated text, prompt included."),
     tfidf_dir: Path | None = typer.Option(None, help="Folder with ROME's idf.npy and tfidf_vocab.json."),
     attribute_snippets: Path | None = typer.Option(None, help="ROME's attribute_snippets.json (consistency)."),
-    batch_size: int = typer.Option(64, help="Rows per teacher-forced evaluation pass."),
+    batch_size: int | None = typer.Option(None, help="Rows per teacher-forced evaluation pass (default: 64 on a "
+                                          "CPU, from free memory on a GPU)."),
+    generation_batch_size: int | None = typer.Option(None, help="Prompts sampled together (default: 256 on a CPU, "
+                                                     "from free memory on a GPU)."),
     target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
                                       "config)."),
     checkpoint: bool = typer.Option(True, help="ROME, FT-W, --sequential-batches: save the edit's progress every "
@@ -74,7 +77,8 @@ def eval_command(
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
-        opts = EvalOptions(batch_size=batch_size, generation=generation, generation_prompts=generation_prompts,
+        opts = EvalOptions(batch_size=batch_size, generation_batch_size=generation_batch_size, generation=generation,
+                           generation_prompts=generation_prompts,
                            generation_length=generation_length, seed=seed,
                            tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
                            attribute_snippets=str(attribute_snippets) if attribute_snippets else None)

@@ -22,6 +22,7 @@ zsRE, per record (token-level accuracy under teacher forcing):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,16 @@ from .metrics import (
 from .scoring import encode_pair, score_rows
 
 CORE = ("efficacy", "generalization", "specificity")
+CPU_BATCH_SIZES = (64, 256)  # rows per scoring pass, prompts per generation batch (measured: PERFORMANCE.md)
 
 
 @dataclass
 class EvalOptions:
-    batch_size: int = 64  # rows per teacher-forced pass
+    batch_size: int | None = None  # rows per teacher-forced pass (None: CPU_BATCH_SIZES, or from a GPU's memory)
     generation: bool = True  # sample generations for fluency/consistency (full-format CounterFact only)
     generation_prompts: int | None = None  # generation prompts per record (None: all, ROME uses all 10)
     generation_length: int = 100  # tokens per generated text, prompt included (ROME max_out_len)
-    generation_batch_size: int = 32
+    generation_batch_size: int | None = None  # prompts sampled together (None: likewise)
     top_k: int = 5
     seed: int = 0
     tfidf_dir: str | None = None  # folder with ROME's idf.npy and tfidf_vocab.json
@@ -107,6 +109,7 @@ def evaluate_records(model: PreTrainedModel, tok: PreTrainedTokenizerBase, recor
     """Per-record results of the model as it is now. `reference`: the unedited model's results on the same
     records (for EasyEdit locality and zsRE specificity, which compare argmax tokens with the unedited model's);
     None means this IS the unedited model."""
+    opts = _sized(model, opts)
     make = _cf_rows if records[0].dataset == "counterfact" else _zsre_rows
     per_rec = [make(tok, rec) for rec in records]
     flat = [(k, row) for k, rows in enumerate(per_rec) for row in rows]
@@ -124,6 +127,21 @@ def evaluate_records(model: PreTrainedModel, tok: PreTrainedTokenizerBase, recor
     if opts.generation and records[0].dataset == "counterfact":
         _add_generations(model, tok, records, results, opts, references, progress, desc)
     return results
+
+
+def _sized(model: PreTrainedModel, opts: EvalOptions) -> EvalOptions:
+    """`opts` with batch sizes left at None filled in: CPU_BATCH_SIZES, or on a GPU what its memory allows."""
+    if opts.batch_size is not None and opts.generation_batch_size is not None:
+        return opts
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        from ..sizing import eval_batch_sizes
+
+        sizes = eval_batch_sizes(model, device, max(opts.generation_length, 64))
+    else:
+        sizes = CPU_BATCH_SIZES
+    return dataclasses.replace(opts, batch_size=opts.batch_size or sizes[0],
+                               generation_batch_size=opts.generation_batch_size or sizes[1])
 
 
 def _by(result: Mapping[str, Any], group: str, target: str) -> list[dict[str, Any]]:
