@@ -75,13 +75,19 @@ def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) 
     """Eq. 9: Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹, in float64, by Cholesky (falls back to LU), never an inverse.
 
     R: (d_out, n) residuals; K: (d_in, n) keys; C0: (d_in, d_in) = E[k kᵀ]. Returns Δ: (d_out, d_in).
+    Besides C0, at most two d_in × d_in matrices exist at a time: A = λ C0 + K Kᵀ (built in place) and its
+    Cholesky factor (A is freed before the solve).
     """
-    R, K, C0 = R.double(), K.double(), C0.double().to(K.device)
-    A = lam * C0 + K @ K.T  # symmetric positive (semi)definite
+    R, K = R.double(), K.double()
+    A = K @ K.T
+    A.add_(C0.to(device=K.device, dtype=torch.float64), alpha=lam)  # symmetric positive (semi)definite
     chol, info = torch.linalg.cholesky_ex(A)
     # Δᵀ = A⁻¹ K Rᵀ since A is symmetric
-    X = torch.cholesky_solve(K @ R.T, chol) if int(info) == 0 else torch.linalg.solve(A, K @ R.T)
-    return X.T
+    if int(info) == 0:
+        del A
+        return torch.cholesky_solve(K @ R.T, chol).T
+    del chol
+    return torch.linalg.solve(A, K @ R.T).T
 
 
 @dataclass
