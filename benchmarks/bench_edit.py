@@ -13,7 +13,8 @@
 
 3. With `--variant "FIELD=VALUE FIELD=VALUE"` (repeatable): the batched target optimisation under each variant of
    the config (e.g. larger batches on a GPU, `v_compute_dtype=bfloat16`) against the preset's, same process,
-   with the largest relative difference of v. `--only-variants` skips 1 and 2.
+   with the largest relative difference of v. `--only-variants` skips 0, 1 and 2. On a CUDA device the preset's
+   `batch_sizing: auto` sizes the batches from free memory (logged); `--variant batch_sizing=fixed` is the baseline.
 
     python benchmarks/bench_edit.py --only-variants --variant "v_batch_size=128 v_rows_per_pass=256" \
         --variant "v_compute_dtype=bfloat16"
@@ -24,6 +25,7 @@ Prints the timings and ratios; record them in docs/PERFORMANCE.md with the machi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import resource
@@ -61,6 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     variants = [parse_overrides(v.split(), option="--variant") for v in args.variant]
 
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("pmet.sizing").setLevel(logging.INFO)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     model, tok = lm.model, lm.tok
     layout = layout_of(model)
@@ -83,13 +87,16 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, time.perf_counter() - t
 
+    # warm-up (kernels, allocator, CUDA context) so that the first timed run is not charged for it
+    compute_targets(model, tok, layout, reqs[:2], templates, cfg.replace(v_num_grad_steps=2))
     if args.peak_memory_of:
         print(peak_memory_of(lambda c: compute_targets(model, tok, layout, reqs, templates, c),
                              cfg.replace(replay=args.peak_memory_of), dev))
         return
-    argv = [a for a in sys.argv[1:] if a != "--only-replay"]
-    compare_replay(lambda c: timed(lambda: compute_targets(model, tok, layout, reqs, templates, c)), cfg, len(reqs),
-                   dev, argv)
+    if not args.only_variants:
+        argv = [a for a in sys.argv[1:] if a != "--only-replay"]
+        compare_replay(lambda c: timed(lambda: compute_targets(model, tok, layout, reqs, templates, c)), cfg,
+                       len(reqs), dev, argv)
     if args.only_replay:
         return
     batched, t_batched = timed(lambda: compute_targets(model, tok, layout, reqs, templates, cfg))
