@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=32)
     ap.add_argument("--self-tokens", type=int, default=8000)
+    ap.add_argument("--parts", default="generation,self,scoring", help="comma-separated parts to run")
     args = ap.parse_args()
     lm = load_model("smollm2-135m", device="cpu")
     model, tok = lm.model, lm.tok
@@ -97,6 +98,16 @@ def main() -> None:
                                 "counterfact", n=args.records, slice_="test")
     print(f"SmolLM2-135M, cpu, {torch.get_num_threads()} threads, {len(records)} CounterFact test records")
 
+    parts = args.parts.split(",")
+    if "generation" in parts:
+        compare_generation(model, tok, records)
+    if "self" in parts:
+        compare_self_corpus(model, tok, args.self_tokens)
+    if "scoring" in parts:
+        compare_scoring(model, tok, records)
+
+
+def compare_generation(model, tok, records) -> None:
     prompts = [p for r in records for p in list(r.request.generation_prompts)[:2]]
     encoded = [tok(p)["input_ids"] for p in prompts]
     base_tokens, t_base = timed(lambda: hf_generate(model, tok, encoded, 5, max_length=100))
@@ -107,24 +118,28 @@ def main() -> None:
           f"{t_base:.1f} s ({r_base:.0f} tok/s); pmet.sampling x{CPU_BATCH_SIZES[1]} {new_tokens} tokens in "
           f"{t_new:.1f} s ({r_new:.0f} tok/s); x{r_new / r_base:.2f} tokens per second")
 
+
+def compare_self_corpus(model, tok, n_tokens: int) -> None:
     starts = [tok(w)["input_ids"] for w in SELF_STARTS]
-    n_rows = max(1, args.self_tokens // SELF_NEW_TOKENS)
+    n_rows = max(1, n_tokens // SELF_NEW_TOKENS)
     base_tokens, t_base = timed(lambda: hf_generate(model, tok, [starts[i % 12] for i in range(n_rows)],
                                                     SELF_TOP_K, new_tokens=SELF_NEW_TOKENS))
 
     def self_corpus() -> int:
         got = 0
-        for text in iter_corpus_texts("self", model, tok, n_tokens=args.self_tokens):
+        for text in iter_corpus_texts("self", model, tok, n_tokens=n_tokens):
             got += len(tok(text)["input_ids"])
-            if got >= args.self_tokens:
+            if got >= n_tokens:
                 return got
         return got
 
     new_tokens, t_new = timed(self_corpus)
     r_base, r_new = base_tokens / t_base, new_tokens / t_new
-    print(f"self corpus, {args.self_tokens} tokens: model.generate x32 {r_base:.0f} tok/s; pmet.sampling "
+    print(f"self corpus, {n_tokens} tokens: model.generate x32 {r_base:.0f} tok/s; pmet.sampling "
           f"{r_new:.0f} tok/s; x{r_new / r_base:.2f}")
 
+
+def compare_scoring(model, tok, records) -> None:
     rows = [(row[3], row[4]) for rec in records for row in _cf_rows(tok, rec)]
     _, t_base = timed(lambda: old_scoring(model, rows))
     _, t_new = timed(lambda: score_rows(model, tok, rows, batch_size=CPU_BATCH_SIZES[0]))

@@ -4,8 +4,8 @@ Target optimisation (`request_batches`): the first batch has the config's `v_bat
 it took per request (`torch.cuda.max_memory_allocated`) and the memory then free set the size of the others, so a
 GPU is filled without a model-specific memory formula. `v_rows_per_pass` grows by the same factor. Targets do not
 depend on the batch layout (each request is optimised on its own), so sizing changes speed, not results.
-Evaluation (`eval_batch_sizes`): rows per teacher-forced pass and prompts per generation batch, from the bytes a
-row holds (activations of the widest layer; the KV cache of a generated text).
+Evaluation (`eval_batch_sizes`): prompts per teacher-forced pass and per generation batch, from the bytes a prompt
+holds (activations of the widest layer; the KV cache of a generated text).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_SHARE = 0.7  # of the free device memory a batch may take
 MAX_REQUESTS = 1024  # most requests per optimisation batch
-MAX_EVAL_ROWS = 4096  # most rows per scoring pass or generation batch
+MAX_EVAL_ROWS = 4096  # most prompts per scoring pass or generation batch
 
 
 def sizes_apply(cfg: PMETConfig, device: torch.device) -> bool:
@@ -57,8 +57,8 @@ def request_batches(n: int, cfg: PMETConfig, device: torch.device) -> Iterator[t
 
 
 def eval_batch_sizes(model: torch.nn.Module, device: torch.device, max_length: int) -> tuple[int, int]:
-    """(rows per scoring pass, prompts per generation batch) that fit MEMORY_SHARE of the free memory of a CUDA
-    device: a scored row of `max_length` positions holds about 12 activations of width d_ff at once (no
+    """(prompts per scoring pass, prompts per generation batch) that fit MEMORY_SHARE of the free memory of a
+    CUDA device: a scored prompt of `max_length` positions holds about 12 activations of width d_ff at once (no
     gradients), a generated text its KV cache (2 · layers · d_kv · max_length) and one row of logits."""
     cfg = model.config.get_text_config()
     width = next(p for p in model.parameters()).element_size()

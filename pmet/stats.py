@@ -62,6 +62,8 @@ DEFAULT_SEQ_LEN = 256
 # "self" corpus: sampling settings (documented choices).
 SELF_BATCH = 256  # most sequences sampled at a time (fewer when fewer tokens are asked for)
 SELF_NEW_TOKENS = 128  # new tokens per sequence (fewer when the model emits EOS)
+SELF_MARGIN = 1.25  # texts sampled per batch: this × the tokens asked for / SELF_NEW_TOKENS (texts ending at EOS
+#                     are shorter: SmolLM2's average 112 of 128), so that one batch usually suffices
 SELF_TOP_K = 50  # top-k sampling, temperature 1 (Hugging Face's default top_k)
 SELF_STARTS = ("The", "In", "A", "It", "This", "When", "He", "She", "There", "After", "On", "We")
 _NO_DATASETS = "corpus '{spec}': the `datasets` library is not installed (pip install 'pmet[hf]')"
@@ -246,7 +248,7 @@ def iter_corpus_texts(
     if spec.kind == "hf":
         return _iter_hf_texts(spec)
     if spec.kind == "self":
-        rows = SELF_BATCH if n_tokens is None else math.ceil(1.1 * n_tokens / SELF_NEW_TOKENS)
+        rows = SELF_BATCH if n_tokens is None else math.ceil(SELF_MARGIN * n_tokens / SELF_NEW_TOKENS)
         return _iter_self_texts(model, tok, seed, rows)
     raise CorpusError(f"corpus '{spec}': unknown kind '{spec.kind}'")
 
@@ -394,7 +396,7 @@ def compute_c0(
         raise CorpusError(
             f"corpus '{spec}': only {counted} tokens, fewer than the {n_tokens} requested (ask for fewer)"
         )
-    c0 = {l: (s / counted).cpu() for l, s in sums.items()}
+    c0 = {l: s.div_(counted).cpu() for l, s in sums.items()}  # in place: one d_k² matrix per layer
     info = StatsInfo(
         corpus=str(spec),
         corpus_kind=spec.kind,

@@ -45,12 +45,12 @@ from .metrics import (
 from .scoring import encode_pair, score_rows
 
 CORE = ("efficacy", "generalization", "specificity")
-CPU_BATCH_SIZES = (64, 256)  # rows per scoring pass, prompts per generation batch (measured: PERFORMANCE.md)
+CPU_BATCH_SIZES = (64, 256)  # prompts per scoring pass, prompts per generation batch (measured: PERFORMANCE.md)
 
 
 @dataclass
 class EvalOptions:
-    batch_size: int | None = None  # rows per teacher-forced pass (None: CPU_BATCH_SIZES, or from a GPU's memory)
+    batch_size: int | None = None  # prompts per teacher-forced pass (None: CPU_BATCH_SIZES, or from a GPU's memory)
     generation: bool = True  # sample generations for fluency/consistency (full-format CounterFact only)
     generation_prompts: int | None = None  # generation prompts per record (None: all, ROME uses all 10)
     generation_length: int = 100  # tokens per generated text, prompt included (ROME max_out_len)
