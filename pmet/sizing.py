@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.7  # of the free device memory a batch may take
 MAX_REQUESTS = 1024  # most requests per optimisation batch
 MAX_EVAL_ROWS = 4096  # most prompts per scoring pass or generation batch
+CPU_SAMPLING_BYTES = 2 * 2**30  # KV cache one sampling batch may hold on a CPU
 
 
 def sizes_apply(cfg: PMETConfig, device: torch.device) -> bool:
@@ -56,16 +57,29 @@ def request_batches(n: int, cfg: PMETConfig, device: torch.device) -> Iterator[t
                      per_request / 2**20, cfg.v_batch_size, cfg.v_rows_per_pass)
 
 
-def eval_batch_sizes(model: torch.nn.Module, device: torch.device, max_length: int) -> tuple[int, int]:
-    """(prompts per scoring pass, prompts per generation batch) that fit MEMORY_SHARE of the free memory of a
-    CUDA device: a scored prompt of `max_length` positions holds about 12 activations of width d_ff at once (no
-    gradients), a generated text its KV cache (2 · layers · d_kv · max_length) and one row of logits."""
+def _row_bytes(model: torch.nn.Module, length: int) -> tuple[int, int]:
+    """Bytes one scored prompt and one sampled text of `length` positions hold: the prompt about 12 activations
+    of width d_ff at once (no gradients); the text its KV cache (2 · layers · d_kv · length) and a row of logits."""
     cfg = model.config.get_text_config()
     width = next(p for p in model.parameters()).element_size()
     d_ff = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    score_row = 12 * max_length * d_ff * width
-    gen_row = 2 * cfg.num_hidden_layers * heads * head_dim * max_length * width + 4 * cfg.vocab_size * 4
+    kv = 2 * cfg.num_hidden_layers * heads * head_dim * length * width
+    return 12 * length * d_ff * width, kv + 4 * cfg.vocab_size * 4
+
+
+def eval_batch_sizes(model: torch.nn.Module, device: torch.device, max_length: int) -> tuple[int, int]:
+    """(prompts per scoring pass, prompts per generation batch) that fit MEMORY_SHARE of the free memory of a
+    CUDA device, for prompts and texts of `max_length` positions (`_row_bytes`)."""
+    score_row, gen_row = _row_bytes(model, max_length)
     budget = MEMORY_SHARE * free_bytes(device)
     return (max(64, min(MAX_EVAL_ROWS, int(budget // score_row))), max(64, min(MAX_EVAL_ROWS, int(budget // gen_row))))
+
+
+def sampling_rows(model: torch.nn.Module, device: torch.device, length: int, wanted: int) -> int:
+    """`wanted` texts per sampling batch, or fewer so that their KV caches and logits (`_row_bytes`) fit
+    MEMORY_SHARE of a CUDA device's free memory, or CPU_SAMPLING_BYTES on a CPU (a 7B model's cache of 100
+    positions takes ~130 MiB per text in float32)."""
+    budget = MEMORY_SHARE * free_bytes(device) if device.type == "cuda" else CPU_SAMPLING_BYTES
+    return max(1, min(wanted, int(budget // _row_bytes(model, length)[1])))

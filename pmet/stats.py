@@ -53,6 +53,7 @@ from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
 from .prompts import pad_right
 from .sampling import SCHEME, eos_token_ids, sample
+from .sizing import sampling_rows
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,10 @@ def _iter_self_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, seed:
     SELF_NEW_TOKENS new tokens, drawn by top-k (k=SELF_TOP_K) sampling at temperature 1 with the random stream
     seeded by seed · 1,000,003 + j; it starts from the BOS token when that marks document starts, else from
     the word SELF_STARTS[j mod 12] (kept in the text). Texts are sampled `rows` at a time (at most
-    SELF_BATCH); which texts come out does not depend on `rows`."""
-    rows = max(1, min(rows, SELF_BATCH))
+    SELF_BATCH, and fewer where their KV caches would not fit: pmet.sizing.sampling_rows); which texts come out
+    does not depend on `rows`."""
+    device = next(model.parameters()).device
+    rows = sampling_rows(model, device, SELF_NEW_TOKENS + 8, max(1, min(rows, SELF_BATCH)))
     starts = [[tok.bos_token_id]] if _bos_is_document_start(tok) else [tok(w)["input_ids"] for w in SELF_STARTS]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = eos_token_ids(model, tok)

@@ -63,3 +63,17 @@ def test_batch_sizing_is_validated():
 
     with pytest.raises(ConfigError, match="batch_sizing"):
         PMETConfig(batch_sizing="huge").replace()
+
+
+def test_sampling_rows_bound_the_kv_cache(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    cpu = torch.device("cpu")
+    assert sizing.sampling_rows(model, cpu, 100, 256) == 256  # a tiny model: what was asked for
+    per_text = 2 * 2 * 2 * 16 * 100 * 4 + 4 * 1000 * 4
+    monkeypatch.setattr(sizing, "CPU_SAMPLING_BYTES", 10 * per_text)
+    assert sizing.sampling_rows(model, cpu, 100, 256) == 10
+    monkeypatch.setattr(sizing, "CPU_SAMPLING_BYTES", per_text // 2)
+    assert sizing.sampling_rows(model, cpu, 100, 256) == 1

@@ -130,16 +130,17 @@ def evaluate_records(model: PreTrainedModel, tok: PreTrainedTokenizerBase, recor
 
 
 def _sized(model: PreTrainedModel, opts: EvalOptions) -> EvalOptions:
-    """`opts` with batch sizes left at None filled in: CPU_BATCH_SIZES, or on a GPU what its memory allows."""
+    """`opts` with batch sizes left at None filled in: CPU_BATCH_SIZES (fewer texts per sampling batch where their
+    KV caches would exceed pmet.sizing.CPU_SAMPLING_BYTES), or on a GPU what its memory allows."""
     if opts.batch_size is not None and opts.generation_batch_size is not None:
         return opts
+    from ..sizing import eval_batch_sizes, sampling_rows
+
     device = next(model.parameters()).device
     if device.type == "cuda":
-        from ..sizing import eval_batch_sizes
-
         sizes = eval_batch_sizes(model, device, max(opts.generation_length, 64))
     else:
-        sizes = CPU_BATCH_SIZES
+        sizes = (CPU_BATCH_SIZES[0], sampling_rows(model, device, opts.generation_length, CPU_BATCH_SIZES[1]))
     return dataclasses.replace(opts, batch_size=opts.batch_size or sizes[0],
                                generation_batch_size=opts.generation_batch_size or sizes[1])
 
