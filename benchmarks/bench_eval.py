@@ -29,7 +29,7 @@ from pmet.evaluation.generation import generate
 from pmet.evaluation.scoring import score_rows
 from pmet.hooks import Trace
 from pmet.models import load_model
-from pmet.prompts import pad_right
+from pmet.prompts import pad_left, pad_right
 from pmet.stats import SELF_NEW_TOKENS, SELF_STARTS, SELF_TOP_K, iter_corpus_texts
 from pmet.targets import unembed
 
@@ -44,7 +44,7 @@ def hf_generate(model, tok, prompts: list[list[int]], top_k: int, *, max_length:
     order = sorted(prompts, key=len)
     for s in range(0, len(order), batch):
         rows = order[s : s + batch]
-        ids, mask = left_pad_cpu(rows, tok.pad_token_id)
+        ids, mask = pad_left(rows, tok.pad_token_id)
         cfg = GenerationConfig(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0,
                                max_new_tokens=new_tokens or max(1, max_length - ids.shape[1]),
                                pad_token_id=tok.pad_token_id, eos_token_id=model.generation_config.eos_token_id)
@@ -53,15 +53,6 @@ def hf_generate(model, tok, prompts: list[list[int]], top_k: int, *, max_length:
         new = out[:, ids.shape[1]:]
         total += int((new != tok.pad_token_id).sum())
     return total
-
-
-def left_pad_cpu(rows, pad_id):
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, s in enumerate(rows):
-        ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
-    return ids, mask
 
 
 def old_scoring(model, rows, batch_size: int = 64) -> None:

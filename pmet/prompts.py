@@ -70,15 +70,28 @@ def target_ids(tok: PreTrainedTokenizerBase, target: str) -> tuple[int, ...]:
     return _target_ids_cached(tok, target)
 
 
-def pad_right(rows: list[tuple[int, ...]] | list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+Rows = list[tuple[int, ...]] | list[list[int]]
+
+
+def pad_right(rows: Rows, pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids and attention_mask (positions stay absolute: index i is token i of the row)."""
+    return _pad(rows, pad_id, device, left=False)
+
+
+def pad_left(rows: Rows, pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids and attention_mask: every row's last token in the last column (sampling, and
+    continuing rows from a KV cache); pass position ids (mask.cumsum(-1) - 1) to keep positions absolute."""
+    return _pad(rows, pad_id, device, left=True)
+
+
+def _pad(rows: Rows, pad_id: int, device: torch.device | str, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -10,11 +10,14 @@ has its own budget of new tokens and stops at an end-of-sequence token, and fini
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .prompts import pad_left
 
 SCHEME = "rows1"  # names this sampler in cache keys of sampled outputs: change it when the samples change
 DROP_FRACTION = 8  # finished rows leave the batch once they are ≥ 1/8 of it (each drop copies the KV cache)
@@ -29,19 +32,12 @@ def eos_token_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[
 
 def cache_kwargs(model: PreTrainedModel, cache: object) -> dict[str, object]:
     """The KV cache as the model's forward takes it (`cache`; `past_key_values` before transformers 5.24)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {_cache_arg(type(model)): cache}
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask, left-padded to the longest sequence."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if len(s):
-            ids[r, width - len(s):] = torch.as_tensor(list(s))
-            mask[r, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+@functools.cache
+def _cache_arg(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def row_uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
@@ -69,12 +65,12 @@ def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
     out: list[list[int]] = [[] for _ in range(n)]
     budget = torch.as_tensor(list(max_new_tokens), device=device)
     rows = torch.arange(n, device=device)  # prompt index of each live batch row
-    ids, mask = left_pad(prompts, pad_id, device)
+    ids, mask = pad_left(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.as_tensor(list(eos_ids), device=device)
     live = budget > 0
     u = row_uniforms(seeds, int(budget.max()) if n else 0, device)
-    step, cache, tokens = 0, None, []
+    step, cache, tokens = 0, DynamicCache(config=model.config), []  # filled in place by each forward
     with torch.no_grad():
         while bool(live.any()):
             if int((~live).sum()) * DROP_FRACTION >= len(live):  # drop finished rows
@@ -82,10 +78,9 @@ def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
                 cache.batch_select_indices(keep)
                 ids, mask, pos, rows, budget, u = ids[keep], mask[keep], pos[keep], rows[keep], budget[keep], u[keep]
                 live = live[keep]
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                        **cache_kwargs(model, cache))
-            cache = res.past_key_values if getattr(res, "past_key_values", None) is not None else res.cache
-            nxt = draw_top_k(res.logits[:, -1], top_k, u[:, step])
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **cache_kwargs(model, cache)).logits
+            nxt = draw_top_k(logits[:, -1], top_k, u[:, step])
             nxt = torch.where(live, nxt, pad_id)
             tokens.append(torch.stack([rows, nxt, live.long()], -1))
             step += 1

@@ -4,8 +4,9 @@ Target optimisation (`request_batches`): the first batch has the config's `v_bat
 it took per request (`torch.cuda.max_memory_allocated`) and the memory then free set the size of the others, so a
 GPU is filled without a model-specific memory formula. `v_rows_per_pass` grows by the same factor. Targets do not
 depend on the batch layout (each request is optimised on its own), so sizing changes speed, not results.
-Evaluation (`eval_batch_sizes`): prompts per teacher-forced pass and per generation batch, from the bytes a prompt
-holds (activations of the widest layer; the KV cache of a generated text).
+Evaluation: prompts per teacher-forced pass (`scoring_prompts`, on a GPU) and texts per sampling batch
+(`sampling_rows`, GPU and CPU), from the bytes a prompt holds (activations of the widest layer) and a text holds
+(its KV cache).
 """
 
 from __future__ import annotations
@@ -69,12 +70,10 @@ def _row_bytes(model: torch.nn.Module, length: int) -> tuple[int, int]:
     return 12 * length * d_ff * width, kv + 4 * cfg.vocab_size * 4
 
 
-def eval_batch_sizes(model: torch.nn.Module, device: torch.device, max_length: int) -> tuple[int, int]:
-    """(prompts per scoring pass, prompts per generation batch) that fit MEMORY_SHARE of the free memory of a
-    CUDA device, for prompts and texts of `max_length` positions (`_row_bytes`)."""
-    score_row, gen_row = _row_bytes(model, max_length)
-    budget = MEMORY_SHARE * free_bytes(device)
-    return (max(64, min(MAX_EVAL_ROWS, int(budget // score_row))), max(64, min(MAX_EVAL_ROWS, int(budget // gen_row))))
+def scoring_prompts(model: torch.nn.Module, device: torch.device, max_length: int) -> int:
+    """Prompts per teacher-forced pass that fit MEMORY_SHARE of a CUDA device's free memory, for prompts of
+    `max_length` positions (`_row_bytes`): at least 64, at most MAX_EVAL_ROWS."""
+    return max(64, min(MAX_EVAL_ROWS, int(MEMORY_SHARE * free_bytes(device) // _row_bytes(model, max_length)[0])))
 
 
 def sampling_rows(model: torch.nn.Module, device: torch.device, length: int, wanted: int) -> int:

@@ -218,9 +218,9 @@ def _iter_self_texts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, seed:
     the word SELF_STARTS[j mod 12] (kept in the text). Texts are sampled `rows` at a time (at most
     SELF_BATCH, and fewer where their KV caches would not fit: pmet.sizing.sampling_rows); which texts come out
     does not depend on `rows`."""
-    device = next(model.parameters()).device
-    rows = sampling_rows(model, device, SELF_NEW_TOKENS + 8, max(1, min(rows, SELF_BATCH)))
     starts = [[tok.bos_token_id]] if _bos_is_document_start(tok) else [tok(w)["input_ids"] for w in SELF_STARTS]
+    length = max(map(len, starts)) + SELF_NEW_TOKENS
+    rows = sampling_rows(model, next(model.parameters()).device, length, max(1, min(rows, SELF_BATCH)))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = eos_token_ids(model, tok)
     empty_batches, j = 0, 0

@@ -50,10 +50,13 @@ def test_eval_sizes_follow_the_model_shapes(monkeypatch):
     monkeypatch.setattr(sizing, "free_bytes", lambda d: 10 * GIB)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
-    score, gen = sizing.eval_batch_sizes(model, torch.device("cuda"), 100)
+    cuda = torch.device("cuda")
+    score = sizing.scoring_prompts(model, cuda, 100)
+    gen = sizing.sampling_rows(model, cuda, 100, sizing.MAX_EVAL_ROWS)
     assert score == sizing.MAX_EVAL_ROWS and gen == sizing.MAX_EVAL_ROWS  # a tiny model: capped
     monkeypatch.setattr(sizing, "free_bytes", lambda d: 64 * 2**20)
-    score, gen = sizing.eval_batch_sizes(model, torch.device("cuda"), 100)
+    score = sizing.scoring_prompts(model, cuda, 100)
+    gen = sizing.sampling_rows(model, cuda, 100, sizing.MAX_EVAL_ROWS)
     assert score == int(0.7 * 64 * 2**20 // (12 * 100 * 128 * 4))
     assert gen == int(0.7 * 64 * 2**20 // (2 * 2 * 2 * 16 * 100 * 4 + 4 * 1000 * 4))
 

@@ -134,15 +134,14 @@ def _sized(model: PreTrainedModel, opts: EvalOptions) -> EvalOptions:
     KV caches would exceed pmet.sizing.CPU_SAMPLING_BYTES), or on a GPU what its memory allows."""
     if opts.batch_size is not None and opts.generation_batch_size is not None:
         return opts
-    from ..sizing import eval_batch_sizes, sampling_rows
+    from ..sizing import MAX_EVAL_ROWS, sampling_rows, scoring_prompts
 
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        sizes = eval_batch_sizes(model, device, max(opts.generation_length, 64))
-    else:
-        sizes = (CPU_BATCH_SIZES[0], sampling_rows(model, device, opts.generation_length, CPU_BATCH_SIZES[1]))
-    return dataclasses.replace(opts, batch_size=opts.batch_size or sizes[0],
-                               generation_batch_size=opts.generation_batch_size or sizes[1])
+    gpu = device.type == "cuda"
+    score = scoring_prompts(model, device, max(opts.generation_length, 64)) if gpu else CPU_BATCH_SIZES[0]
+    texts = sampling_rows(model, device, opts.generation_length, MAX_EVAL_ROWS if gpu else CPU_BATCH_SIZES[1])
+    return dataclasses.replace(opts, batch_size=opts.batch_size or score,
+                               generation_batch_size=opts.generation_batch_size or texts)
 
 
 def _by(result: Mapping[str, Any], group: str, target: str) -> list[dict[str, Any]]:

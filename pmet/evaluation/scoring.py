@@ -19,8 +19,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..arch import ModelLayout, layout_of
 from ..hooks import Trace
-from ..prompts import pad_right, target_ids
-from ..sampling import cache_kwargs, left_pad
+from ..prompts import pad_left, pad_right, target_ids
+from ..sampling import cache_kwargs
 from ..targets import unembed
 from .metrics import mean_logprob_of_continuations, target_token_correct
 
@@ -66,7 +66,7 @@ def _score_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: M
                  where: list[int]) -> None:
     """Score `targets` ((prompt index in `prompts`, target ids) each) and write row `where[k]` of `out`."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, tok.pad_token_id, device)
+    ids, mask = pad_left(prompts, tok.pad_token_id, device)
     first, cache = _final_norm(model, layout, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
     owner = torch.tensor([p for p, _ in targets], device=device)
     t_len = torch.tensor([len(t) for _, t in targets], device=device)
