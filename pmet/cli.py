@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.table import Table
 
@@ -402,10 +403,13 @@ app.command("eval")(eval_command)
 app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses (Figure 2, Figure 4).")
 
 
+# click's errors, and the copy of them that newer typer versions vendor (typer._click) and raise instead
+_CLICK_ERRORS = tuple({click.ClickException,
+                       next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+
+
 def main() -> None:
     """The `pmet` entry point: every failure ends as one line on stderr; `--debug` shows the traceback."""
-    import click
-
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
@@ -420,8 +424,8 @@ def main() -> None:
         code = app(standalone_mode=False)  # typer returns 130 for Ctrl-C
     except (click.exceptions.Abort, KeyboardInterrupt):
         code = 130
-    except click.ClickException as e:
-        e.show()
+    except _CLICK_ERRORS as e:  # usage errors: an unknown option, a value of the wrong type or range
+        _fail_line(f"{e.format_message()} (see --help)")
         sys.exit(e.exit_code)
     except PmetError as e:
         if debug:

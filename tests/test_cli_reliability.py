@@ -150,6 +150,17 @@ def test_outputs_get_ordinary_permissions(ws, tmp_path):
 
 # -- one line instead of a traceback -----------------------------------------------------------------------
 
+@pytest.mark.parametrize("args, needles", [
+    (["edit", "--bogus"], ["No such option: --bogus"]),
+    (["eval", "--data", "x.json", "--out", "new", "--edits", "abc"], ["'--edits'", "valid integer"]),
+    (["eval", "--data", "x.json", "--out", "new", "--generation-batch-size", "0"],
+     ["'--generation-batch-size'", "greater than or equal to 1"]),
+])
+def test_usage_errors_are_one_line(ws, cwd, args, needles):
+    """Unknown options and values of the wrong type or range: one line and exit 2 like every other refusal."""
+    refused(ws, cwd, args, *needles)
+
+
 @pytest.mark.parametrize("case, needles", [
     ("gguf-random-bytes", ["bad.gguf", "not a readable GGUF"]),
     ("gguf-truncated", ["bad.gguf", "not a readable GGUF"]),

@@ -31,10 +31,10 @@ def eval_command(
     generation_length: int = typer.Option(100, help="Tokens per generated text, prompt included."),
     tfidf_dir: Path | None = typer.Option(None, help="Folder with ROME's idf.npy and tfidf_vocab.json."),
     attribute_snippets: Path | None = typer.Option(None, help="ROME's attribute_snippets.json (consistency)."),
-    batch_size: int | None = typer.Option(None, help="Prompts per teacher-forced evaluation pass, each with "
+    batch_size: int | None = typer.Option(None, min=1, help="Prompts per teacher-forced evaluation pass, each with "
                                           "its targets (default: 64 on a CPU, from free memory on a GPU)."),
-    generation_batch_size: int | None = typer.Option(None, help="Prompts sampled together (default: 256 on a CPU, "
-                                                     "from free memory on a GPU)."),
+    generation_batch_size: int | None = typer.Option(None, min=1, help="Prompts sampled together (default: 256 on "
+                                                     "a CPU, from free memory on a GPU)."),
     target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
                                       "config)."),
     checkpoint: bool = typer.Option(True, help="ROME, FT-W, --sequential-batches: save the edit's progress every "
