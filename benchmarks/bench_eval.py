@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from pmet.arch import layout_of
+from pmet.arch import layout_of, unembed
 from pmet.evaluation.data import load_eval_records
 from pmet.evaluation.evaluate import CPU_BATCH_SIZES, _cf_rows
 from pmet.evaluation.generation import generate
@@ -31,7 +31,6 @@ from pmet.hooks import Trace
 from pmet.models import load_model
 from pmet.prompts import pad_left, pad_right
 from pmet.stats import SELF_NEW_TOKENS, SELF_STARTS, SELF_TOP_K, iter_corpus_texts
-from pmet.targets import unembed
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -50,10 +50,10 @@ from pathlib import Path
 import torch
 
 from pmet.arch import get_weight, layout_of
-from pmet.baselines.rome import edit_rome
 from pmet.config import load_config, parse_overrides
 from pmet.editor import edit, prepare
 from pmet.evaluation.data import load_eval_records
+from pmet.methods.rome import edit_rome
 from pmet.models import load_model
 from pmet.targets import Targets, compute_targets
 from pmet.update import insert

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmet.config import load_config, parse_overrides  # noqa: E402
 from pmet.evaluation.data import load_eval_records  # noqa: E402
 from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  # noqa: E402
-from pmet.methods import apply_method  # noqa: E402
+from pmet.methods.apply import apply_method  # noqa: E402
 from pmet.models import load_model  # noqa: E402
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))  # bench_edit's

@@ -148,3 +148,18 @@ def get_weight(model: nn.Module, name: str) -> torch.Tensor:
 def as_linear(delta: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """Map a (out, in) update Δ to the stored layout of the weight (Conv1D stores (in, out))."""
     return delta.T if conv1d else delta
+
+
+def unembed(model: nn.Module, layout: ModelLayout, normed: torch.Tensor) -> torch.Tensor:
+    """W_E of Eq. 1 on already-normalised states (with Gemma-style final logit softcapping if configured), in
+    float32."""
+    logits = model.get_submodule(layout.spec.unembed)(normed)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def logits_from_hidden(model: nn.Module, layout: ModelLayout, h: torch.Tensor) -> torch.Tensor:
+    """W_E γ(h) of Eq. 1 for already-selected positions (h: (..., d))."""
+    return unembed(model, layout, model.get_submodule(layout.spec.final_norm)(h))

@@ -30,32 +30,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
 
 
-def _config_for(lm: Any, config: str | None, method: str, ablation: str | None, overrides: dict,
-                settings: dict[str, Any] | None = None) -> Any:
-    """The run's config: the preset (or file), the ablation's option, the CLI overrides, then `--set` items."""
-    from .config import ABLATIONS, PRESET_BY_MODEL_TYPE, load_config
+def _config_for(lm: Any, config: str | None, method: str, ablation: str | None = None,
+                overrides: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Any:
+    """config.config_for for a loaded model (its preset, else its family's)."""
+    from .config import config_for
 
-    name = config or lm.preset or PRESET_BY_MODEL_TYPE.get(lm.model.config.model_type)
-    if name is None:
-        raise ConfigError(f"no preset for model type '{lm.model.config.model_type}': pass --config FILE")
-    extra: dict[str, Any] = {}
-    if ablation:
-        if ablation not in ABLATIONS:
-            raise ConfigError(f"unknown --ablation '{ablation}' (choose from {', '.join(ABLATIONS)})")
-        if method != "pmet":
-            raise ConfigError("--ablation applies to --method pmet only")
-        extra.update(ABLATIONS[ablation])
-    return load_config(name, method=method, settings=settings, **{**extra, **overrides})
-
-
-def parse_layers(layers: str | None, option: str = "--layers") -> list[int] | None:
-    """'3,4,5' -> [3, 4, 5]; None stays None (the config's layers)."""
-    if layers is None:
-        return None
-    try:
-        return [int(x) for x in layers.split(",")]
-    except ValueError:
-        raise ConfigError(f"{option} {layers!r}: expected comma-separated layer numbers, e.g. 3,4,5") from None
+    return config_for(lm.model.config.model_type, lm.preset, config, method, ablation, overrides or {}, settings)
 
 
 def _model_to(lm: Any) -> Any:
@@ -66,7 +46,7 @@ def _model_to(lm: Any) -> Any:
     return write
 
 
-def _measure(lm: Any, layout: Any, requests: list) -> list[dict]:
+def _measure(lm: Any, requests: list) -> list[dict]:
     """Top-1 and P(target_new) on every request prompt, paraphrase and neighbourhood prompt (one batch)."""
     from .probe import probe
 
@@ -80,7 +60,7 @@ def _measure(lm: Any, layout: Any, requests: list) -> list[dict]:
                 prompts.append(p)
                 targets.append(r.target_new)
                 where.append((i, kind, p))
-    probes = probe(lm.model, lm.tok, layout, prompts, targets)
+    probes = probe(lm.model, lm.tok, prompts, targets)
     out: list[dict] = [{"request": None, "checks": []} for _ in requests]
     for (i, kind, p), pr in zip(where, probes, strict=True):
         if kind == "request":
@@ -139,23 +119,16 @@ def edit(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
-    from .config import parse_overrides
+    from .config import parse_layers, parse_overrides
     from .requests import check_target_lengths, load_requests
 
     try:
-        if save_model and out is None:
-            raise ConfigError("--save-model needs --out DIR")
-        outputs = Outputs("pmet edit", force)
-        if out is not None:
-            outputs.folder(out, "--out", ("patch.safetensors", "model"))
-        if report is not None:
-            outputs.file(report, "--report")
+        outputs = _edit_outputs(out, report, save_model, force)
         settings = parse_overrides(set_)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": parse_layers(layers)}
         reqs = load_requests(requests, limit=limit, one_batch=True)
-        from .arch import layout_of  # torch and transformers: imported once the cheap checks passed
-        from .methods import apply_method
+        from .methods.apply import apply_method  # torch: imported once the cheap checks passed
         from .models import load_model
 
         t0 = time.perf_counter()
@@ -164,9 +137,8 @@ def edit(
         load_s = time.perf_counter() - t0
         check_target_lengths(reqs, lm.tok, max_target_tokens, str(requests))
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
-        layout = layout_of(lm.model)
         t = time.perf_counter()
-        before = _measure(lm, layout, reqs)
+        before = _measure(lm, reqs)
         measure_s = time.perf_counter() - t
         result = apply_method(method, lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir,
                               model_name=model, progress=not quiet, target_cache=target_cache)
@@ -174,38 +146,38 @@ def edit(
             console.print(f"reused {result.stats['target_cache_hits']} of {len(reqs)} target vectors from the cache "
                           "(an earlier or interrupted run)")
         t = time.perf_counter()
-        after = _measure(lm, layout, reqs)
+        after = _measure(lm, reqs)
         measure_s += time.perf_counter() - t
     except PmetError as e:
         _fail(str(e))
         return
-    rows = []
-    for r, b, a, d in zip(reqs, before, after, result.diagnostics(), strict=True):
-        rows.append({
-            "subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
-            "before": b["request"], "after": a["request"],
-            "checks": [{"prompt": cb["prompt"], "kind": cb["kind"],
-                        "before": {"top1": cb["top1"], "p_target_new": cb["p_target_new"]},
-                        "after": {"top1": ca["top1"], "p_target_new": ca["p_target_new"]}}
-                       for cb, ca in zip(b["checks"], a["checks"], strict=True)],
-            "diagnostics": d,
-        })
+    rows = _report_rows(reqs, before, after, result.diagnostics())
     out_console.print(_table(rows))
-    flipped = sum(r["after"]["top1"] != r["before"]["top1"] for r in rows)
-    neigh = [c for r in rows for c in r["checks"] if c["kind"] == "neighborhood"]
-    para = [c for r in rows for c in r["checks"] if c["kind"] == "paraphrase"]
-    out_console.print(
-        f"{flipped}/{len(rows)} request prompts changed their top-1; "
-        f"P(new) rose on {sum(c['after']['p_target_new'] > c['before']['p_target_new'] for c in para)}/{len(para)} "
-        f"paraphrases; {sum(c['after']['top1'] == c['before']['top1'] for c in neigh)}/{len(neigh)} neighbourhood "
-        f"prompts kept their top-1.\nC0 from {_stats_line(result.stats)}. Timings (s): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    out_console.print(_summary_line(rows, result))
     data = {
         "model": model, "config": cfg.to_dict(),
         "timings": {"load": load_s, **result.timings, "measure": measure_s},
         "stats": result.stats, "context_templates": result.context_templates,
         "delta_norms": result.delta_norms(), "stream_check": result.stream_check, "requests": rows,
     }
+    _write_edit(outputs, out, report, save_model, lm, result, data)
+
+
+def _edit_outputs(out: Path | None, report: Path | None, save_model: bool, force: bool) -> Outputs:
+    """`pmet edit`'s outputs, declared (and checked) before any work."""
+    if save_model and out is None:
+        raise ConfigError("--save-model needs --out DIR")
+    outputs = Outputs("pmet edit", force)
+    if out is not None:
+        outputs.folder(out, "--out", ("patch.safetensors", "model"))
+    if report is not None:
+        outputs.file(report, "--report")
+    return outputs
+
+
+def _write_edit(outputs: Outputs, out: Path | None, report: Path | None, save_model: bool, lm: Any, result: Any,
+                data: dict) -> None:
+    """Write the patch (and the edited model) into `out` and the report, all or nothing (fileio.Outputs)."""
     writers: dict[Path, Any] = {}
     if out is not None:
         writers[out] = lambda folder: (result.save(folder), save_model and _model_to(lm)(folder / "model"))
@@ -217,6 +189,34 @@ def edit(
                           + (f"; edited model in {out / 'model'}" if save_model else ""))
     if report is not None:
         out_console.print(f"report written to {report}")
+
+
+def _report_rows(reqs: list, before: list[dict], after: list[dict], diagnostics: list[dict]) -> list[dict]:
+    """The report's rows: per request its prompt's measurements before and after, its checks, its diagnostics."""
+    rows = []
+    for r, b, a, d in zip(reqs, before, after, diagnostics, strict=True):
+        rows.append({
+            "subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+            "before": b["request"], "after": a["request"],
+            "checks": [{"prompt": cb["prompt"], "kind": cb["kind"],
+                        "before": {"top1": cb["top1"], "p_target_new": cb["p_target_new"]},
+                        "after": {"top1": ca["top1"], "p_target_new": ca["p_target_new"]}}
+                       for cb, ca in zip(b["checks"], a["checks"], strict=True)],
+            "diagnostics": d,
+        })
+    return rows
+
+
+def _summary_line(rows: list[dict], result: Any) -> str:
+    """What changed, in one sentence per kind of prompt, then where C0 came from and the timings."""
+    flipped = sum(r["after"]["top1"] != r["before"]["top1"] for r in rows)
+    neigh = [c for r in rows for c in r["checks"] if c["kind"] == "neighborhood"]
+    para = [c for r in rows for c in r["checks"] if c["kind"] == "paraphrase"]
+    return (f"{flipped}/{len(rows)} request prompts changed their top-1; "
+            f"P(new) rose on {sum(c['after']['p_target_new'] > c['before']['p_target_new'] for c in para)}/"
+            f"{len(para)} paraphrases; {sum(c['after']['top1'] == c['before']['top1'] for c in neigh)}/{len(neigh)} "
+            f"neighbourhood prompts kept their top-1.\nC0 from {_stats_line(result.stats)}. Timings (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
 
 
 def _stats_line(stats: dict) -> str:
@@ -298,6 +298,8 @@ def stats(
 ) -> None:
     """Compute and cache C0 = E(k kᵀ) of the FFN keys for all critical layers, in one pass over a corpus."""
     try:
+        from .config import parse_layers
+
         chosen = parse_layers(layers)
         if component not in ("ffn", "attn"):
             raise ConfigError("--component must be ffn or attn")
@@ -305,17 +307,15 @@ def stats(
         from .stats import get_c0
 
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        layer_list = chosen or _config_for(lm, config, "pmet", None, {}).layers
+        layer_list = chosen or _config_for(lm, config, "pmet").layers
         c0, info = get_c0(lm.model, lm.tok, layer_list, corpus, tokens, component=component, cache_dir=cache_dir,
                           fingerprint=fingerprint(lm.model), force=force)
     except PmetError as e:
         _fail(str(e))
         return
-    d = info.to_dict() if hasattr(info, "to_dict") else vars(info)
-    kind = d.get("corpus_kind")
-    out_console.print(f"C0 for layers {layer_list} ({component}) from "
-                      f"{'text sampled from the model itself' if kind == 'self' else d.get('corpus')}: "
-                      f"{d.get('n_tokens')} tokens, {d.get('seconds', 0):.1f} s")
+    source = "text sampled from the model itself" if info.corpus_kind == "self" else info.corpus
+    out_console.print(f"C0 for layers {layer_list} ({component}) from {source}: {info.n_tokens} tokens, "
+                      f"{info.seconds:.1f} s")
     for layer, t in sorted(c0.items()):
         out_console.print(f"  layer {layer}: {tuple(t.shape)}, trace {float(t.trace()):.4g}")
 
@@ -359,7 +359,7 @@ def trace(
         if not set(kind_list) <= set(ct.KINDS):
             raise ConfigError(f"--kinds must be a subset of {','.join(ct.KINDS)}")
         lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        span = span or len(_config_for(lm, None, "pmet", None, {}).layers)
+        span = span or len(_config_for(lm, None, "pmet").layers)
         chosen = ct.known_facts(lm.model, lm.tok, raw, n)
         if not chosen:
             raise ConfigError(f"{facts}: the model knows none of the facts (greedy answer = attribute)")

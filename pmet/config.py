@@ -2,13 +2,15 @@
 
 Field names follow the reference implementation's hparams files (MEMIT/PMET JSON, EasyEdit YAML), so those
 files load as they are; their module-path keys (`rewrite_module_tmp`, ...) are ignored because module
-locations come from pmet.arch. Defaults are the paper's GPT-J CounterFact values (Appendix D, NOTES.md).
+locations come from pmet.arch. Defaults are the paper's GPT-J CounterFact values (Appendix D; docs/REFERENCE.md,
+"Hyper-parameters per model").
 
 Method variants (the paper's ablations and the MEMIT baseline) are one option each:
 - `target_site`: "components" (PMET: δa on the MHSA output and δm on the FFN output, keep v = m + δm) or
   "layer_output" (MEMIT: one δ on the layer's output hidden state).
 - `attn_delta`: False is the "w/o δa" ablation (only δm is optimised).
-- `update_modules`: ["ffn"] (PMET) or ["ffn", "attn"] (the "w/ W_O^MHSA" ablation).
+- `update_modules`: ["ffn"] (PMET) or ["attn", "ffn"] (the "w/ W_O^MHSA" ablation); at each layer the modules
+  are updated in the order listed.
 - `spread`: "sqrt" (PMET, Eq. 11) or "even" (MEMIT).
 - `residual`: "value" (the paper/reference: R = V − the current value at L's value site, recomputed per layer) or
   "stream" (a deviation, not in the paper: R = the intended move of the layer-L residual stream minus the move
@@ -31,10 +33,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS, get_method
 
 # Keys of official/EasyEdit hparams files that pmet does not need (module paths, devices, file locations).
 _IGNORED_KEYS = {
-    "alg_name", "model_name", "stats_dir", "device", "model_parallel", "layer_selection", "v_loss_layer",
+    "alg_name", "model_name", "stats_dir", "device", "model_parallel", "layer_selection", "mom2_dtype",
     "rewrite_module_tmp", "rewrite_module_tmps", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
     "ln_f_module", "lm_head_module", "mom2_adjustment", "max_length", "batch_size", "fp16", "description",
     "model", "family", "notes", "source", "tuning", "methods",
@@ -59,6 +62,8 @@ class PMETConfig:
     stop_kl: float = 0.01  # ... or when the target is argmax and KL ≤ this (App. D)
     stop_rule: str = "argmax"  # "argmax": PMET's rule above; "loss": MEMIT/ROME compute_z, loss < stop_loss only
     kl_prompt: str = "{} is a"  # p' of Eq. 10
+    v_loss_layer: int | None = None  # where the NLL of Eq. 10 is read: the model's output (None, or the last layer's
+    #                                  index as the reference's files give it); any other layer is refused
     fact_token: str = "subject_last"  # only the subject's last token is supported
     v_batch_size: int = 64  # requests optimised together in one forward/backward
     v_rows_per_pass: int = 64  # prompts replayed together; rows are grouped by length to limit padding
@@ -71,8 +76,7 @@ class PMETConfig:
     mom2_update_weight: float = 6000.0  # λ
     mom2_dataset: str = "auto"  # corpus for C0: a path, "hf:DATASET[:CONFIG[:SPLIT]]", "self" or "auto"
     mom2_n_tokens: int = 100_000  # tokens used for C0 (the reference counts 100k *texts*; see docs)
-    mom2_dtype: str = "float32"  # model dtype while collecting C0 (accumulation is always float64)
-    # Context templates (pref_j of Eq. 10 and 12; NOTES.md)
+    # Context templates (pref_j of Eq. 10 and 12; docs/REFERENCE.md, "Context templates")
     context_template_starts: list[str] = field(
         default_factory=lambda: ["The", "Therefore", "Because", "I", "You"]
     )
@@ -121,8 +125,9 @@ class PMETConfig:
             raise bad("post_norm_residual", "must be 'as-is' (MEMIT as published) or 'preimage' (deviation)")
         if self.post_norm_residual == "preimage" and self.target_site != "layer_output":
             raise bad("post_norm_residual", "'preimage' applies to MEMIT (target_site=layer_output) only")
-        if not self.update_modules or not set(self.update_modules) <= {"ffn", "attn"}:
-            raise bad("update_modules", "must be a subset of ['ffn', 'attn']")
+        if (not self.update_modules or not set(self.update_modules) <= {"ffn", "attn"}
+                or len(set(self.update_modules)) != len(self.update_modules)):
+            raise bad("update_modules", "must list 'ffn' and/or 'attn' once each, in the order they are updated")
         if self.target_site == "layer_output" and self.update_modules != ["ffn"]:
             raise bad("update_modules", "MEMIT (target_site=layer_output) updates the FFN only")
         if self.stop_rule not in ("argmax", "loss"):
@@ -137,6 +142,8 @@ class PMETConfig:
             raise bad("fact_token", "only 'subject_last' is supported")
         if "{}" not in self.kl_prompt:
             raise bad("kl_prompt", "must contain '{}' for the subject")
+        if self.v_loss_layer is not None and self.v_loss_layer < 0:
+            raise bad("v_loss_layer", "must be the index of the model's last layer, or null")
         for name in ("v_num_grad_steps", "v_batch_size", "v_rows_per_pass", "mom2_n_tokens", "context_template_length"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
@@ -154,6 +161,31 @@ class PMETConfig:
 
     def replace(self, **changes: Any) -> PMETConfig:
         return from_dict({**self.to_dict(), **changes}, source="<replace>")
+
+
+# Every field, declared once by whether it changes the target values of Eq. 10 (given the model, the request and
+# the context templates). The target cache keys a request's target on TARGET_FIELDS (and on L, the last of
+# `layers`); tests/test_config.py fails when a new field is in neither set.
+TARGET_FIELDS = frozenset({
+    "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "nll_factor",
+    "nll_factor_when_argmax", "stop_loss", "stop_kl", "stop_rule", "kl_prompt", "fact_token", "target_site",
+    "attn_delta", "v_compute_dtype",
+})
+NON_TARGET_FIELDS = frozenset({
+    "layers",  # only through L, keyed on its own (the layers below L do not change the targets)
+    "v_batch_size", "v_rows_per_pass", "batch_sizing", "replay",  # batch layout, replay: equal to float rounding
+    "v_loss_layer",  # only the last layer is accepted (editor.prepare)
+    "context_template_starts", "context_template_length", "context_template_top_k", "seed",  # via the templates
+    # the weight update (Eq. 9, 11), which reads the targets once they are found
+    "mom2_update_weight", "mom2_dataset", "mom2_n_tokens", "mom2_n_samples",
+    "update_modules", "spread", "residual", "post_norm_residual",
+    "ft_num_steps", "ft_lr", "ft_norm_constraint",  # FT-W, which has no targets
+})
+
+
+def target_key_fields(cfg: PMETConfig) -> dict[str, Any]:
+    """The config values a target depends on: TARGET_FIELDS and L."""
+    return {"L": cfg.L, **{f: getattr(cfg, f) for f in sorted(TARGET_FIELDS)}}
 
 
 def _is_int(v: Any) -> bool:
@@ -180,23 +212,9 @@ def type_error(name: str, value: Any) -> str | None:
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "no-attn-delta": {"attn_delta": False},
-    "update-attn": {"update_modules": ["ffn", "attn"]},
+    "update-attn": {"update_modules": ["attn", "ffn"]},  # attention first, then the FFN, at each layer
     "even-spread": {"spread": "even"},
     "stream-residual": {"residual": "stream"},  # not a Table-3 ablation: our deviation (docs/METHOD.md)
-}
-MEMIT_OVERRIDES: dict[str, Any] = {"target_site": "layer_output", "attn_delta": False, "spread": "even",
-                                   "stop_rule": "loss"}
-METHODS = ("pmet", "memit", "rome", "ft")
-# What makes each baseline that baseline, whatever the preset says; a preset's `methods: {name: {...}}` section
-# then sets its per-model values (layers, steps, ...), and user overrides come last.
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "pmet": {},
-    "memit": MEMIT_OVERRIDES,
-    # ROME: v at one layer's FFN output (no δa), compute_v's stopping rule; the rank-one update is in rome.py
-    # (v_* values: ROME's GPT-J hparams, kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json; layers from the preset)
-    "rome": {"target_site": "components", "attn_delta": False, "stop_rule": "loss", "v_num_grad_steps": 20,
-             "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
-    "ft": {},
 }
 
 
@@ -240,10 +258,10 @@ def preset_names() -> list[str]:
 def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, Any] | None = None,
                 **overrides: Any) -> PMETConfig:
     """Load a named preset (`pmet/presets/<name>.yaml`) or a YAML/JSON file for `method` (its base fields, then
-    METHOD_OVERRIDES[method], then the file's `methods: {method: {...}}` section), then apply `overrides` (None
-    values skipped: unset CLI options) and last `settings` (the user's `--set FIELD=VALUE`, None kept)."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    the method record's overrides (pmet/methods/__init__.py), then the file's `methods: {method: {...}}`
+    section), then apply `overrides` (None values skipped: unset CLI options) and last `settings` (the user's
+    `--set FIELD=VALUE`, None kept)."""
+    record = get_method(method)
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") and path.exists():
         source = str(path)
@@ -273,7 +291,7 @@ def load_config(name_or_path: str, method: str = "pmet", *, settings: dict[str, 
     unknown = set(sections) - set(METHODS)
     if unknown:
         raise ConfigError(f"{source}: unknown method section(s) {sorted(unknown)} under 'methods'")
-    data.update(METHOD_OVERRIDES[method])
+    data.update(record.overrides)
     data.update(sections.get(method, {}))
     data.update({k: v for k, v in overrides.items() if v is not None})
     data.update(settings or {})
@@ -316,3 +334,30 @@ def parse_overrides(items: list[str] | tuple[str, ...], *, option: str = "--set"
 
 # Presets for model families without an embedded alias, by `config.model_type`.
 PRESET_BY_MODEL_TYPE = {"gptj": "gpt-j-6b", "gpt_neox": "gpt-neox-20b", "llama": "llama-2-7b"}
+
+
+def config_for(model_type: str, preset: str | None, config: str | None, method: str, ablation: str | None,
+               overrides: dict[str, Any], settings: dict[str, Any] | None = None) -> PMETConfig:
+    """A run's config: `config` (a preset name or file), else the model's own preset, else the preset of its
+    family (`model_type`); then the method, the ablation's option, the CLI `overrides`, and last `--set` items."""
+    name = config or preset or PRESET_BY_MODEL_TYPE.get(model_type)
+    if name is None:
+        raise ConfigError(f"no preset for model type '{model_type}': pass --config FILE")
+    extra: dict[str, Any] = {}
+    if ablation:
+        if ablation not in ABLATIONS:
+            raise ConfigError(f"unknown --ablation '{ablation}' (choose from {', '.join(ABLATIONS)})")
+        if method != "pmet":
+            raise ConfigError("--ablation applies to --method pmet only")
+        extra.update(ABLATIONS[ablation])
+    return load_config(name, method=method, settings=settings, **{**extra, **overrides})
+
+
+def parse_layers(layers: str | None, option: str = "--layers") -> list[int] | None:
+    """'3,4,5' -> [3, 4, 5]; None stays None (the config's layers)."""
+    if layers is None:
+        return None
+    try:
+        return [int(x) for x in layers.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {layers!r}: expected comma-separated layer numbers, e.g. 3,4,5") from None

@@ -19,10 +19,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import get_weight, layout_of
+from .cache import cache_root, digest
 from .config import PMETConfig
 from .context import ContextTemplates, get_context_templates, validate_templates
 from .errors import ConfigError
-from .models import cache_root
 from .models import fingerprint as model_fingerprint
 from .patch import EditResult
 from .requests import EditRequest
@@ -36,8 +36,8 @@ C0Input = dict[int, torch.Tensor] | dict[tuple[int, str], torch.Tensor]
 def context_templates_for(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: PMETConfig,
                           fingerprint: str, cache_dir: str | os.PathLike | None = None) -> ContextTemplates:
     """The model's own context templates for `cfg` (cached per model fingerprint and generation settings)."""
-    key = f"templates-seed{cfg.seed}-k{cfg.context_template_top_k}-len{cfg.context_template_length}-" \
-          f"{'_'.join(cfg.context_template_starts)}.json"
+    settings = [cfg.seed, cfg.context_template_top_k, cfg.context_template_length, cfg.context_template_starts]
+    key = f"templates-{digest(settings, 10)}.json"
     return get_context_templates(
         model, tok, starts=cfg.context_template_starts, length=cfg.context_template_length,
         top_k=cfg.context_template_top_k, seed=cfg.seed,
@@ -59,7 +59,7 @@ def covariances(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: PMETC
             cache_dir=cache_dir, fingerprint=fingerprint, progress=progress, seed=cfg.seed,
         )
         c0.update({(l, comp): t for l, t in per_layer.items()})
-        info[comp] = stats_info.to_dict() if hasattr(stats_info, "to_dict") else dict(vars(stats_info))
+        info[comp] = asdict(stats_info)
     return c0, info
 
 
@@ -86,6 +86,9 @@ def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, config: PMETCo
     layout = layout_of(model)
     if layout.n_layers <= config.L:
         raise ConfigError(f"config field 'layers': {config.layers} exceeds the model's {layout.n_layers} layers")
+    if config.v_loss_layer not in (None, layout.n_layers - 1):
+        raise ConfigError(f"config field 'v_loss_layer': {config.v_loss_layer}: pmet reads the target's NLL at the "
+                          f"model's output, the last layer ({layout.n_layers - 1}); set it to that or null")
     timings: dict[str, float] = {}
     fp = fingerprint or model_fingerprint(model)
     t = time.perf_counter()
@@ -120,10 +123,12 @@ def edit(
     progress: bool = True,
     fingerprint: str | None = None,
     target_cache: bool = False,
+    checkpoint: None = None,
 ) -> EditResult:
     """Apply all `requests` to `model` as ONE batch edit (in place) and return what was done.
 
-    With `target_cache`, target vectors are read from / written to the cache (pmet.target_cache)."""
+    With `target_cache`, target vectors are read from / written to the cache (pmet.target_cache). `checkpoint`
+    must be None: one batch has no progress to save (methods/sequential.py saves consecutive batches)."""
     if not requests:
         raise ConfigError("no requests to edit")
     layout = layout_of(model)

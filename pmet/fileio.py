@@ -55,6 +55,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_folder)`, then move the folder onto `path` (which must not exist yet); the temp folder is
+    removed if anything fails, Ctrl-C included."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        _ordinary_permissions(tmp, _umask())
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+    return path
+
+
 def json_writer(data: object, ensure_ascii: bool = True) -> Callable[[str | os.PathLike], None]:
     """A writer of `data` as indented UTF-8 JSON, for `atomic_write` or `Outputs.write`."""
     def write(path: str | os.PathLike) -> None:

@@ -1,7 +1,7 @@
 """Keys K1 (Eq. 12) and current values at the subject's last token, read in batched forward passes.
 
 k_i^l = mean over prefixes of prev(W, pref_j ⊕ S): the input of the edited projection at the subject's last
-token, averaged in two stages (within each template group, then across groups; NOTES.md), so the bare
+token, averaged in two stages (within each template group, then across groups; docs/REFERENCE.md), so the bare
 prompt carries half the weight.
 """
 

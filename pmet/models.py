@@ -12,17 +12,16 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .cache import cache_root, files_stamp
 from .errors import ModelError
-from .fileio import atomic_write
+from .fileio import atomic_folder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The pmet cache: `cache_dir`, else $PMET_CACHE_DIR, else ~/.cache/pmet."""
-    root = cache_dir or os.environ.get("PMET_CACHE_DIR") or Path.home() / ".cache" / "pmet"
-    return Path(root)
 
 
 @dataclass
@@ -104,9 +97,7 @@ def _embedded_gguf(name: str, cache: Path) -> Path:
 
 
 def _gguf_cache_dir(gguf: Path, cache: Path, dtype: torch.dtype) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache / "models" / f"{gguf.stem}-{key}-{str(dtype).removeprefix('torch.')}"
+    return cache / "models" / f"{gguf.stem}-{files_stamp([gguf], 8)}-{str(dtype).removeprefix('torch.')}"
 
 
 def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
@@ -119,16 +110,13 @@ def _convert_gguf(gguf: Path, target: Path, dtype: torch.dtype) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "pmet_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(target, write)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

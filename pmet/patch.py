@@ -120,9 +120,9 @@ class EditResult:
         for u in self.updates:
             tensors[f"delta::{u.weight}"] = u.delta.to(self.originals[u.weight].dtype).contiguous()
             tensors[f"original::{u.weight}"] = self.originals[u.weight].contiguous()
-        tensors["target::ffn"] = self.targets.ffn.cpu().contiguous()
-        if self.targets.attn is not None:
-            tensors["target::attn"] = self.targets.attn.cpu().contiguous()
+        for name, values in (("ffn", self.targets.ffn), ("attn", self.targets.attn)):
+            if values is not None:
+                tensors[f"target::{name}"] = values.cpu().contiguous()
         return atomic_write(out / PATCH_FILE, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
@@ -164,7 +164,7 @@ class EditResult:
             config=from_dict(_meta_json(meta, "config", p), source=str(p)),
             updates=updates,
             originals={name: _tensor(tensors, f"original::{name}", p) for name in weights},
-            targets=Targets(_tensor(tensors, "target::ffn", p), tensors.get("target::attn"), diags),
+            targets=Targets(tensors.get("target::ffn"), tensors.get("target::attn"), diags),
             context_templates=_meta_json(meta, "context_templates", p),
             fingerprint=str(meta["fingerprint"]),
             model_name=meta.get("model", ""),

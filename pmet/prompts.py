@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized prompt and the index of the subject's last token in it ("subject_last", NOTES.md)."""
+    """A tokenized prompt and the index of the subject's last token in it ("subject_last"; docs/REFERENCE.md,
+    "Edit requests and tokens")."""
 
     ids: tuple[int, ...]
     subject_last: int
@@ -62,7 +63,7 @@ def _target_ids_cached(tok: PreTrainedTokenizerBase, target: str) -> tuple[int, 
 
 
 def target_ids(tok: PreTrainedTokenizerBase, target: str) -> tuple[int, ...]:
-    """Token ids of a target as it continues a prompt: ' Paris' for byte-level BPE (NOTES.md), '▁Paris' for
+    """Token ids of a target as it continues a prompt: ' Paris' for byte-level BPE (REFERENCE.md), '▁Paris' for
     SentencePiece; never with special tokens. Found as tokens('The ' + target) minus tokens('The')."""
     target = target.strip()
     if not target:

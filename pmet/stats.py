@@ -29,7 +29,6 @@ atomically; a ``__s<seq_len>`` suffix is added before the extension only when se
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
@@ -46,11 +45,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import layout_of
+from .cache import cache_root, files_stamp
 from .errors import CorpusError
 from .fileio import atomic_write
 from .hooks import Trace
-from .models import cache_root, hub_reachable
 from .models import fingerprint as model_fingerprint
+from .models import hub_reachable
 from .prompts import pad_right
 from .sampling import SCHEME, eos_token_ids, sample
 from .sizing import sampling_rows
@@ -428,11 +428,7 @@ def corpus_id(spec: CorpusSpec, *, seed: int = 0) -> str:
     or 'self-<sampling.SCHEME>-seed{seed}'."""
     if spec.kind == "file":
         files = _corpus_files(Path(spec.ident), spec.ident)
-        h = hashlib.sha256()
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return f"{_safe(Path(spec.ident).name)[:48]}-{h.hexdigest()[:12]}"
+        return f"{_safe(Path(spec.ident).name)[:48]}-{files_stamp(files)}"
     if spec.kind == "hf":
         return _safe(spec.ident)[:96]
     return f"self-{SCHEME}-seed{seed}"

@@ -2,7 +2,7 @@
 even-spread and update-attn ablations) optimise each request once.
 
 Key: the model fingerprint (a different or already-edited model has another), the request's subject, prompt and
-new target, the context templates, and every config field the optimisation reads (`TARGET_FIELDS`, L included).
+new target, the context templates, and every config field the optimisation reads (`config.TARGET_FIELDS`, and L).
 Not in the key: the batch layout (`v_batch_size`, `v_rows_per_pass`) and `replay`; batched and one-at-a-time
 optimisation, and suffix and full replay, agree to float rounding (docs/PERFORMANCE.md). Files are safetensors,
 written atomically; nothing is unpickled.
@@ -10,7 +10,6 @@ written atomically; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -22,29 +21,19 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .arch import ModelLayout
-from .config import PMETConfig
+from .cache import cache_root, digest
+from .config import PMETConfig, target_key_fields
 from .context import ContextTemplates
 from .fileio import atomic_write
-from .models import cache_root
 from .requests import EditRequest
 from .sizing import request_batches
 from .targets import TargetDiagnostics, Targets, optimise_batch, target_progress
 
-TARGET_FIELDS = (
-    "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "nll_factor",
-    "nll_factor_when_argmax", "stop_loss", "stop_kl", "stop_rule", "kl_prompt", "fact_token", "target_site",
-    "attn_delta", "v_compute_dtype",
-)
-
 
 def request_key(fingerprint: str, request: EditRequest, templates: ContextTemplates, cfg: PMETConfig) -> str:
     """Hex digest identifying one request's target under `cfg` on the model with `fingerprint`."""
-    data = {
-        "fingerprint": fingerprint, "L": cfg.L, "templates": templates,
-        "request": [request.subject, request.prompt, request.target_new],
-        "config": {f: getattr(cfg, f) for f in TARGET_FIELDS},
-    }
-    return hashlib.blake2b(json.dumps(data, sort_keys=True).encode(), digest_size=20).hexdigest()
+    return digest({"fingerprint": fingerprint, "templates": templates, "config": target_key_fields(cfg),
+                   "request": [request.subject, request.prompt, request.target_new]})
 
 
 def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, TargetDiagnostics] | None:

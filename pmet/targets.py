@@ -2,7 +2,7 @@
 
 For request i, PMET adds δa_i to the MHSA output a^L and δm_i to the FFN output m^L at the subject's last
 token of every prompt (rewriting prompts pref_j ⊕ p(x_i) ⊕ target[:-1], and the KL prompt "{S} is a"), and
-minimises, with one Adam over both deltas (NOTES.md "Target optimisation"):
+minimises, with one Adam over both deltas (docs/REFERENCE.md, "Target optimisation"):
 
     L_i = φ_i · NLL_i + μ · KL(P_edited ‖ P_orig)_i + w · (‖δm_i‖/‖m0_i‖² + ‖δa_i‖/‖a0_i‖²)
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import ModelLayout
+from .arch import ModelLayout, logits_from_hidden
 from .config import PMETConfig
 from .context import ContextTemplates, flat
 from .hooks import LayerInputs, Trace
@@ -56,9 +56,10 @@ class TargetDiagnostics:
 
 @dataclass
 class Targets:
-    """v_i for every request: `ffn` (m0+δm, or h^L+δ for MEMIT), `attn` (a0+δa; None without δa)."""
+    """v_i for every request: `ffn` (m0+δm, or h^L+δ for MEMIT; None for FT-W, which has no targets), `attn`
+    (a0+δa; None without δa)."""
 
-    ffn: torch.Tensor  # (n, d) float32
+    ffn: torch.Tensor | None  # (n, d) float32
     attn: torch.Tensor | None
     diagnostics: list[TargetDiagnostics] = field(default_factory=list)
 
@@ -97,20 +98,6 @@ def _plan(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templates: 
         p.tgt_pos.append([])
         p.tgt_ids.append([])
     return p
-
-
-def unembed(model: PreTrainedModel, layout: ModelLayout, normed: torch.Tensor) -> torch.Tensor:
-    """W_E of Eq. 1 on already-normalised states (with Gemma-style final logit softcapping if configured)."""
-    logits = model.get_submodule(layout.spec.unembed)(normed)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
-
-
-def logits_from_hidden(model: PreTrainedModel, layout: ModelLayout, h: torch.Tensor) -> torch.Tensor:
-    """W_E γ(h) of Eq. 1 for already-selected positions (h: (..., d))."""
-    return unembed(model, layout, model.get_submodule(layout.spec.final_norm)(h))
 
 
 def compute_targets(
@@ -384,8 +371,8 @@ def _eq10_loss(model: PreTrainedModel, layout: ModelLayout, rows: _Rows,
 
 
 class _StopState:
-    """Per-request stopping rules in the reference order (NOTES.md; App. D): total loss below `stop_loss`; or,
-    with `stop_rule: argmax`, the target argmax everywhere and KL ≤ `stop_kl` (φ drops to
+    """Per-request stopping rules in the reference order (docs/REFERENCE.md, "Stopping rules"; App. D): total loss
+    below `stop_loss`; or, with `stop_rule: argmax`, the target argmax everywhere and KL ≤ `stop_kl` (φ drops to
     φ·nll_factor_when_argmax while the target is argmax); else the step budget."""
 
     def __init__(self, n_req: int, cfg: PMETConfig, device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """The weight update (Eq. 8, 9, 11): spread the residual over the critical layers and solve for Δ.
 
-For l in R, in increasing order, with the weights as updated so far (NOTES.md "Weight update"):
+For l in R, in increasing order, with the weights as updated so far (docs/REFERENCE.md, "Weight update and residual
+spread"):
     K1   = keys at layer l (Eq. 12)                    (d_in, n)
     R    = V1 − current value at layer L               (d, n)   (residual="value", the paper)
          = Σ_c (V_c − value_c⁰) − (h^L − h^L⁰)              (residual="stream", a deviation: the intended move
@@ -140,7 +141,7 @@ def insert(
     rows = key_rows(tok, requests, templates)
     n_t = len(flat(templates))
     bare = torch.arange(len(requests)) * n_t  # the '{}' template is first in each request's block
-    components = [c for c in ("attn", "ffn") if c in cfg.update_modules]
+    components = list(cfg.update_modules)  # at each layer, in the order the config lists them
     value_site = {
         "ffn": Site(layout.ffn_out(L) if cfg.target_site == "components" else layout.layer(L), "out"),
         "attn": Site(layout.attn_out(L), "out"),

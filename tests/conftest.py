@@ -55,7 +55,8 @@ def wiki_corpus(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def smol_c0(smol, wiki_corpus):
     """C0 of every layer the SmolLM2 preset edits, any method, from 20k WikiText tokens (cached in $PMET_CACHE_DIR)."""
-    from pmet.config import METHODS, load_config
+    from pmet.config import load_config
+    from pmet.methods import METHODS
     from pmet.stats import get_c0
 
     layers = sorted({l for m in METHODS for l in load_config("smollm2-135m", method=m).layers})

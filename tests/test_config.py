@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pmet.config import ABLATIONS, MEMIT_OVERRIDES, PMETConfig, load_config, parse_overrides, preset_names
+from pmet.config import ABLATIONS, PMETConfig, load_config, parse_overrides, preset_names
 from pmet.errors import ConfigError
 
 # The authors' edit/hparams/PMET/EleutherAI_gpt-j-6B.json, verbatim.
@@ -144,7 +144,62 @@ def test_set_overrides_are_typed_and_applied_last():
 
 def test_variants_are_one_option_each():
     assert load_config("gpt-j-6b", **ABLATIONS["no-attn-delta"]).attn_delta is False
-    assert load_config("gpt-j-6b", **ABLATIONS["update-attn"]).update_modules == ["ffn", "attn"]
+    assert load_config("gpt-j-6b", **ABLATIONS["update-attn"]).update_modules == ["attn", "ffn"]
     assert load_config("gpt-j-6b", **ABLATIONS["even-spread"]).spread == "even"
-    memit = load_config("gpt-j-6b", **MEMIT_OVERRIDES)
+    memit = load_config("gpt-j-6b", method="memit")
     assert (memit.target_site, memit.spread, memit.attn_delta) == ("layer_output", "even", False)
+
+
+def test_every_field_is_classified_for_the_target_cache():
+    """A new config field must be declared as changing the targets or not (config.TARGET_FIELDS): otherwise the
+    target cache could reuse targets computed under another value."""
+    import dataclasses
+
+    from pmet.config import NON_TARGET_FIELDS, TARGET_FIELDS, target_key_fields
+
+    fields = {f.name for f in dataclasses.fields(PMETConfig)}
+    assert fields == TARGET_FIELDS | NON_TARGET_FIELDS, "classify: " + ", ".join(
+        sorted(fields - TARGET_FIELDS - NON_TARGET_FIELDS))
+    assert not TARGET_FIELDS & NON_TARGET_FIELDS
+    base = PMETConfig()
+    changes = {"stop_rule": "loss", "target_site": "layer_output", "v_compute_dtype": "bfloat16",
+               "kl_prompt": "{} was a", "attn_delta": False}
+    for name in sorted(TARGET_FIELDS - {"fact_token"}):  # fact_token has one allowed value
+        value = getattr(base, name)
+        other = changes[name] if name in changes else value * 2 if isinstance(value, float) else value + 1
+        changed = base.replace(**{name: other}, **({"attn_delta": False} if name == "target_site" else {}))
+        assert target_key_fields(changed) != target_key_fields(base), name
+    assert target_key_fields(base.replace(layers=[1, 8])) == target_key_fields(base)  # only L counts
+    assert target_key_fields(base.replace(layers=[3, 9])) != target_key_fields(base)
+
+
+def test_v_loss_layer_is_the_last_layer_or_refused():
+    """The reference files name the layer whose output the NLL reads; pmet reads the model's output, so only the
+    last layer (or null) is accepted, at edit time when the model's depth is known."""
+    from pmet.editor import prepare
+    from pmet.errors import ConfigError as CE
+
+    from .test_engine import TEMPLATES, identity_c0
+    from .tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    n = model.config.num_hidden_layers
+    for ok in (None, n - 1):
+        prepare(model, tok, PMETConfig(layers=[1], v_loss_layer=ok), c0=identity_c0(model, [1]),
+                context_templates=TEMPLATES)
+    with pytest.raises(CE, match=f"'v_loss_layer': {n - 2}.*last layer \\({n - 1}\\)"):
+        prepare(model, tok, PMETConfig(layers=[1], v_loss_layer=n - 2), c0=identity_c0(model, [1]),
+                context_templates=TEMPLATES)
+    with pytest.raises(CE, match="'update_modules'"):
+        PMETConfig(update_modules=["ffn", "ffn"])
+
+
+def test_config_module_imports_no_torch_and_no_cycle():
+    """The CLI reads configs and method records before importing torch; pmet.cli and pmet.evaluation.cli do not
+    import each other both ways."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pmet.config, pmet.methods; assert 'torch' not in sys.modules, 'torch'; "
+            "import pmet.evaluation.cli as e; assert 'pmet.cli' not in sys.modules, 'cycle'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -311,6 +311,24 @@ def test_variants_run(variant):
     assert (res.targets.attn is None) == (not cfg.attn_delta or cfg.target_site == "layer_output")
 
 
+def test_update_modules_are_updated_in_the_order_given():
+    """['attn', 'ffn'] and ['ffn', 'attn'] update both projections at each layer, in the order listed: the patch
+    lists them in that order and the two edits differ (each update reads keys and values after the one before)."""
+    results = {}
+    for order in (["attn", "ffn"], ["ffn", "attn"]):
+        model, tok = tiny_model("llama"), tiny_tokenizer()
+        c0 = {**identity_c0(model, [1, 2]), **identity_c0(model, [1, 2], "attn")}
+        res = edit(model, tok, REQUESTS, cfg_for(update_modules=order), c0=c0, context_templates=TEMPLATES,
+                   progress=False)
+        results[order[0]] = res
+        kinds = ["attn" if "o_proj" in u.weight else "ffn" for u in res.updates]
+        assert kinds == order * 2 and [u.layer for u in res.updates] == [1, 1, 2, 2]
+    a, f = results["attn"].deltas, results["ffn"].deltas
+    ffn1 = next(w for w in a if "layers.1.mlp" in w)
+    assert torch.equal(results["attn"].targets.ffn, results["ffn"].targets.ffn)  # same targets
+    assert not torch.allclose(a[ffn1], f[ffn1], rtol=1e-4, atol=1e-6)  # the FFN update saw W_O^MHSA edited or not
+
+
 @pytest.mark.parametrize("arch", ["llama", "gptj", "gemma3_text"])
 def test_deltas_land_at_subject_positions_under_right_padding(arch):
     """Recompute each request's final NLL one unpadded prompt at a time, adding δm/δa by hand at the subject's

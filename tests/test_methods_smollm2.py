@@ -13,7 +13,7 @@ from pmet.cli import app
 from pmet.config import load_config
 from pmet.evaluation.data import load_eval_records
 from pmet.evaluation.evaluate import EvalOptions, evaluate_records
-from pmet.methods import apply_method
+from pmet.methods.apply import apply_method
 
 pytestmark = pytest.mark.slow
 

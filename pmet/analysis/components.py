@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..arch import ModelLayout, layout_of
+from ..arch import ModelLayout, layout_of, unembed
 from ..errors import RequestError
 from ..hooks import Trace
 from ..prompts import chunks, pad_right
-from ..targets import unembed
 
 # Module (relative to one decoder layer) whose input is the residual state entering the FFN block, for
 # sequential blocks. Data, not code: add a row for a new sequential architecture (without one, the state is

@@ -1,4 +1,4 @@
-"""Evaluation of edits: the ROME/MEMIT CounterFact and zsRE metrics (NOTES.md "Evaluation protocol")."""
+"""Evaluation of edits: the ROME/MEMIT CounterFact and zsRE metrics (docs/REFERENCE.md, "Evaluation conventions")."""
 
 from __future__ import annotations
 

@@ -53,8 +53,7 @@ def eval_command(
                                "files pmet wrote there)."),
 ) -> None:
     """Edit N benchmark records with one method and report the paper's metrics, the unedited model first."""
-    from ..cli import _config_for, parse_layers
-    from ..config import parse_overrides
+    from ..config import config_for, parse_layers, parse_overrides
     from ..fileio import Outputs
 
     try:
@@ -70,16 +69,14 @@ def eval_command(
         from ..models import load_model  # torch: imported once the cheap checks passed
         from .data import load_eval_records
         from .evaluate import EvalOptions
-        from .report import markdown_table
         from .run import run_eval
 
         records = load_eval_records(data, dataset, n=edits, slice_=slice_, zsre_target=zsre_target)
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        cfg = _config_for(lm, config, method, ablation, overrides, settings)
+        cfg = config_for(lm.model.config.model_type, lm.preset, config, method, ablation, overrides, settings)
         opts = EvalOptions(batch_size=batch_size, generation_batch_size=generation_batch_size, generation=generation,
-                           generation_prompts=generation_prompts,
-                           generation_length=generation_length, seed=seed,
+                           generation_prompts=generation_prompts, generation_length=generation_length, seed=seed,
                            tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
                            attribute_snippets=str(attribute_snippets) if attribute_snippets else None)
         name = label or (f"{method}+{ablation}" if ablation else method)
@@ -91,9 +88,14 @@ def eval_command(
     except PmetError as e:
         fail(str(e))
         return
+    _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from .report import markdown_table
+
     out_console.print(markdown_table([summary]))
-    t = summary["timings"]
-    out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()))
     if summary.get("resumed_edits"):
         out_console.print(f"resumed an interrupted run after {summary['resumed_edits']} of {summary['n']} edits")
     out_console.print(f"written to {out}/ (records.jsonl, summary.json, summary.md, metrics.png, margins.png)")

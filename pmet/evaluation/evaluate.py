@@ -1,7 +1,7 @@
 """Evaluate a model (unedited or edited) on benchmark records: every prompt of every record scored in one set of
 batched teacher-forced passes (scoring.py), generations sampled in batches with a KV cache (generation.py).
 
-CounterFact (NOTES.md "Evaluation protocol"), per record:
+CounterFact (docs/REFERENCE.md, "Evaluation conventions"), per record:
     efficacy        P(new) > P(true) on the rewrite prompt        (P: mean per-token log-probability)
     generalization  the same on each paraphrase prompt
     specificity     P(true) > P(new) on each neighbourhood prompt
@@ -15,7 +15,7 @@ CounterFact (NOTES.md "Evaluation protocol"), per record:
 zsRE, per record (token-level accuracy under teacher forcing):
     efficacy, generalization   new-answer tokens that are the argmax on the question / its rephrasing
     specificity                unrelated-question answer tokens whose argmax equals the unedited model's own
-                               argmax (NOTES.md: "the model's own answer tokens are kept"); 1 for the unedited model
+                               argmax (REFERENCE.md: the model's own answer tokens are kept); 1 for the unedited model
     specificity_loc_ans        the argmax equals the dataset's answer tokens (loc_ans): MEMIT's code, and the
                                number the paper's zsRE table reports
 """

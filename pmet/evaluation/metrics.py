@@ -1,4 +1,4 @@
-"""Edit-quality metrics, computed exactly as ROME/MEMIT do (NOTES.md "Evaluation protocol (CounterFact, zsRE)").
+"""Edit-quality metrics, computed exactly as ROME/MEMIT do (docs/REFERENCE.md, "Evaluation conventions").
 
 Token conventions follow pmet.prompts: each row of `input_ids` is prompt ids followed by target ids (the target
 tokenized as a continuation, `target_ids`), right-padded (`pad_right`), so positions are absolute. Target token j
@@ -82,7 +82,7 @@ def sum_logprob_of_continuations(logits: Tensor, input_ids: Tensor, prompt_lens:
 
 def mean_logprob_of_continuations(logits: Tensor, input_ids: Tensor, prompt_lens: Tensor, target_lens: Tensor
                                   ) -> Tensor:
-    """(1/|y|) Σ_j log P(y_j | prompt, y_<j) per row, [B]: the CounterFact "probability" (NOTES: mean per-token
+    """(1/|y|) Σ_j log P(y_j | prompt, y_<j) per row, [B]: the CounterFact "probability" (REFERENCE.md: mean per-token
     log-probability of the whole target continuation; ROME's `test_batch_prediction` stores its negative)."""
     token_logp, mask = target_token_logprobs(logits, input_ids, prompt_lens, target_lens)
     return token_logp.sum(1) / mask.sum(1)
@@ -97,8 +97,8 @@ def target_token_correct(logits: Tensor, input_ids: Tensor, prompt_lens: Tensor,
 
 
 def token_accuracy(logits: Tensor, input_ids: Tensor, prompt_lens: Tensor, target_lens: Tensor) -> Tensor:
-    """zsRE token-level accuracy under teacher forcing (NOTES zsRE; ROME/MEMIT `eval_utils_zsre`): the fraction of
-    target tokens that are the argmax at their position, [B] float32."""
+    """zsRE token-level accuracy under teacher forcing (REFERENCE.md, zsRE; ROME/MEMIT `eval_utils_zsre`): the
+    fraction of target tokens that are the argmax at their position, [B] float32."""
     hits, mask = target_token_correct(logits, input_ids, prompt_lens, target_lens)
     return hits.sum(1).float() / mask.sum(1).float()
 
@@ -115,7 +115,7 @@ def target_exact_match(logits: Tensor, input_ids: Tensor, prompt_lens: Tensor, t
 def counterfact_prob_comparison(logp_new: Tensor, logp_true: Tensor, direction: str = "new") -> Tensor:
     """CounterFact success per prompt, bool: P(new) > P(true) for direction "new" (efficacy, generalisation),
     P(true) > P(new) for direction "true" (specificity). P is the mean per-token log-probability of the target
-    (NOTES), compared strictly as in ROME/MEMIT `summarize.py` (ties fail both ways)."""
+    (REFERENCE.md), compared strictly as in ROME/MEMIT `summarize.py` (ties fail both ways)."""
     if direction == "new":
         return logp_new > logp_true
     if direction == "true":
@@ -124,12 +124,12 @@ def counterfact_prob_comparison(logp_new: Tensor, logp_true: Tensor, direction: 
 
 
 def efficacy_success(logp_new: Tensor, logp_true: Tensor) -> Tensor:
-    """Efficacy / generalisation success: P(new) > P(true) (paper Eq. 14-15; NOTES CounterFact)."""
+    """Efficacy / generalisation success: P(new) > P(true) (paper Eq. 14-15; REFERENCE.md, CounterFact)."""
     return counterfact_prob_comparison(logp_new, logp_true, "new")
 
 
 def specificity_success(logp_new: Tensor, logp_true: Tensor) -> Tensor:
-    """Specificity success on neighbourhood prompts: P(true) > P(new) (paper Eq. 16; NOTES CounterFact)."""
+    """Specificity success on neighbourhood prompts: P(true) > P(new) (paper Eq. 16; REFERENCE.md, CounterFact)."""
     return counterfact_prob_comparison(logp_new, logp_true, "true")
 
 
@@ -178,15 +178,15 @@ def text_ngram_entropy(text: str, ns: Sequence[int] = GENERATION_NS,
 
 def ngram_entropy(texts: Sequence[str], ns: Sequence[int] = GENERATION_NS,
                   weights: Sequence[float] = GENERATION_WEIGHTS) -> float:
-    """ROME `n_gram_entropy(gen_texts, agg="arith")`: the mean over texts of `text_ngram_entropy` (NOTES: generation
-    entropy, weights 2/3 and 4/3 on 2- and 3-gram entropies in bits, word tokens; see `word_tokenize`)."""
+    """ROME `n_gram_entropy(gen_texts, agg="arith")`: the mean over texts of `text_ngram_entropy` (REFERENCE.md:
+    generation entropy, weights 2/3 and 4/3 on 2- and 3-gram entropies in bits, word tokens; see `word_tokenize`)."""
     if not texts:
         raise ValueError("no texts")
     return float(np.mean([text_ngram_entropy(t, ns, weights) for t in texts]))
 
 
 def fluency(texts: Sequence[str]) -> float:
-    """CounterFact fluency as reported (NOTES: generation entropy ×100; summarize.py scales by 100)."""
+    """CounterFact fluency as reported (REFERENCE.md: generation entropy ×100; summarize.py scales by 100)."""
     return 100.0 * ngram_entropy(texts)
 
 
@@ -230,7 +230,7 @@ def tfidf_consistency(gen_texts: Sequence[str], reference_texts: Sequence[str], 
                       vocab: Mapping[str, int]) -> float:
     """CounterFact consistency (ROME `test_generation` "reference_score"): TF-IDF cosine between the record's
     generations joined by spaces and its reference texts (attribute snippets of the relation and new target) joined
-    by spaces. Needs ROME's idf.npy / tfidf_vocab.json (`load_tfidf_stats`). Reported ×100 (NOTES)."""
+    by spaces. Needs ROME's idf.npy / tfidf_vocab.json (`load_tfidf_stats`). Reported ×100 (REFERENCE.md)."""
     return tfidf_similarity(" ".join(gen_texts), " ".join(reference_texts), idf, vocab)
 
 
@@ -276,7 +276,7 @@ def aggregate_records(per_record: Sequence[Mapping[str, Sequence[bool | float]]]
     per-prompt values (efficacy: its rewrite prompt; generalisation: its paraphrases; specificity: its neighbourhood
     prompts; for zsRE pass per-token hits, which summarize.py pools per record), then mean ± 95% CI over the records
     that have that metric. Returns {metric: {"mean", "ci95", "n"}}, plus {"score": {"mean"}}, the harmonic mean of
-    the efficacy, generalisation and specificity means when all three are present (NOTES: Score). Values are
+    the efficacy, generalisation and specificity means when all three are present (REFERENCE.md: Score). Values are
     fractions; the papers report them ×100."""
     per_metric: dict[str, list[float]] = {}
     for i, record in enumerate(per_record):

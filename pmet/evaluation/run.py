@@ -12,7 +12,6 @@ Outputs in `out_dir` (each written atomically, and only after everything succeed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,10 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..baselines.checkpoint import requests_digest, saved_edits
+from ..cache import cache_root, digest
 from ..config import PMETConfig
 from ..fileio import Outputs, atomic_write
-from ..methods import REVISION, SEQUENTIAL, apply_method
+from ..methods import get_method
+from ..methods.apply import apply_method
+from ..methods.checkpoint import requests_digest, saved_edits
 from ..sampling import SCHEME
 from .data import EvalRecord
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
@@ -34,13 +35,10 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
                       cache_dir: str | os.PathLike | None, progress: bool, fp: str) -> list[dict[str, Any]]:
     """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
     (every run of a comparison evaluates the same unedited model on the same records)."""
-    from ..models import cache_root
-
-    key = hashlib.blake2b(json.dumps({
-        "fingerprint": fp, "records": [[r.case_id, r.request.to_dict(), r.locality_answers]
-                                                          for r in records],
+    key = digest({
+        "fingerprint": fp, "records": [[r.case_id, r.request.to_dict(), r.locality_answers] for r in records],
         "options": asdict(opts), "sampling": SCHEME, "dtype": str(next(lm.model.parameters()).dtype),
-    }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
+    })
     path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
     if path.exists():
         try:
@@ -58,31 +56,30 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
                    sequential_batches: int | None, context_templates: list[list[str]] | None, c0: dict | None,
                    corpus: str | None, cache_dir: str | os.PathLike | None) -> Path:
     """Where a sequential edit (ROME, FT-W, sequential batches) of these records keeps its progress: keyed by
-    everything the edits depend on (the unedited model, method and its REVISION, config, requests, batch size,
+    everything the edits depend on (the unedited model, method and its revision, config, requests, batch size,
     given templates and C0, C0 corpus)."""
     import torch
 
-    from ..models import cache_root
     from ..patch import tensor_sha256
 
-    def digest(t: Any) -> str:
+    def tensor_id(t: Any) -> str:
         t = torch.as_tensor(t)
         return f"{t.dtype}{tuple(t.shape)}{tensor_sha256(t)}"
 
-    key = hashlib.blake2b(json.dumps({
-        "fingerprint": fp, "method": method, "revision": REVISION[method], "config": config.to_dict(),
+    key = digest({
+        "fingerprint": fp, "method": method, "revision": get_method(method).revision, "config": config.to_dict(),
         "templates": context_templates,
-        "sequential_batches": None if method in SEQUENTIAL else sequential_batches,
-        "c0": None if c0 is None else sorted((str(k), digest(v)) for k, v in c0.items()), "corpus": corpus,
+        "sequential_batches": None if get_method(method).sequential else sequential_batches,
+        "c0": None if c0 is None else sorted((str(k), tensor_id(v)) for k, v in c0.items()), "corpus": corpus,
         "requests": requests_digest([r.request for r in records]),
-    }, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
+    })
     return cache_root(cache_dir) / "sequential" / f"{method}-{key}.safetensors"
 
 
 def _diagnostics(result: Any) -> dict[str, float]:
     """Means over requests of what the target optimisation reached (empty for FT-W, which has no targets)."""
-    diags = [d for d in result.targets.diagnostics if d.init_m_norm > 0]
-    if not diags:
+    diags = result.targets.diagnostics
+    if result.targets.ffn is None or not diags:
         return {}
     n = len(diags)
     return {"prob": sum(d.prob for d in diags) / n, "steps": sum(d.steps for d in diags) / n,
@@ -116,7 +113,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     before = _unedited_results(lm, records, opts, references, cache_dir, progress, fp)
     timings["eval_unedited"] = time.perf_counter() - t
 
-    sequential = method in SEQUENTIAL or bool(sequential_batches and sequential_batches < len(records))
+    sequential = get_method(method).sequential or bool(sequential_batches and sequential_batches < len(records))
     progress_file = _progress_file(fp, method, config, records, sequential_batches, context_templates, c0, corpus,
                                    cache_dir) if checkpoint and sequential else None
     resumed = saved_edits(progress_file) if progress_file else 0  # 0 when there is no file

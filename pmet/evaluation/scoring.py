@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..arch import ModelLayout, layout_of
+from ..arch import ModelLayout, layout_of, unembed
 from ..hooks import Trace
 from ..prompts import pad_left, pad_right, target_ids
 from ..sampling import cache_kwargs
-from ..targets import unembed
 from .metrics import mean_logprob_of_continuations, target_token_correct
 
 Row = tuple[tuple[int, ...], tuple[int, ...]]

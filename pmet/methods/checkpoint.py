@@ -1,5 +1,5 @@
-"""Crash-safe progress of a sequential edit (ROME, FT-W, `--sequential-batches`), so that an interrupted run
-resumes where it stopped.
+"""Crash-safe progress of a sequential edit (sequential.py: ROME, FT-W, `--sequential-batches`), so that an
+interrupted run resumes where it stopped.
 
 One safetensors file holds the edited matrices as they are after the first `done` edits, the target values found
 so far, and (as JSON metadata) their diagnostics, residual norms, the time spent so far, which matrices are
@@ -11,12 +11,12 @@ last edit; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,17 +24,20 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from ..arch import get_weight
+from ..cache import digest
 from ..fileio import atomic_write
 from ..requests import EditRequest
 from ..targets import TargetDiagnostics
+
+if TYPE_CHECKING:
+    from .sequential import Step
 
 SAVE_EVERY_S = 60.0  # seconds between two saves (the last edit is always saved)
 
 
 def requests_digest(requests: list[EditRequest]) -> str:
     """Digest of the requests' (subject, prompt, new target), in order."""
-    data = [[r.subject, r.prompt, r.target_new] for r in requests]
-    return hashlib.blake2b(json.dumps(data).encode(), digest_size=16).hexdigest()
+    return digest([[r.subject, r.prompt, r.target_new] for r in requests], 16)
 
 
 @dataclass
@@ -43,12 +46,22 @@ class SequentialState:
 
     done: int = 0
     diagnostics: list[TargetDiagnostics] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)  # target values (n_i, d), per edit or batch, in order
-    attn_values: list[torch.Tensor] = field(default_factory=list)  # PMET's a0 + δa per batch (if any)
-    residuals: list[float] = field(default_factory=list)  # ROME: ‖v − W k‖ per edit
-    timings: dict[str, float] = field(default_factory=dict)
-    updates: list[list] = field(default_factory=list)  # [weight, layer, component, residual_norm] per matrix
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> W_0 (filled by resume)
+    values: list[torch.Tensor] = field(default_factory=list)  # target values (n_i, d), per step, in order
+    attn_values: list[torch.Tensor] = field(default_factory=list)  # PMET's a0 + δa per step (if any)
+    residual_norms: dict[str, list[float]] = field(default_factory=dict)  # per edited matrix, one per step
+    timings: dict[str, float] = field(default_factory=dict)  # summed over steps
+
+    def add(self, step: Step, n: int) -> None:
+        """Record one step that edited `n` more requests."""
+        self.done += n
+        self.diagnostics += step.diagnostics
+        for rows, new in ((self.values, step.values), (self.attn_values, step.attn_values)):
+            if new is not None:
+                rows.append(new)
+        for name, norm in step.residual_norms.items():
+            self.residual_norms.setdefault(name, []).append(norm)
+        self.timings = {k: self.timings.get(k, 0.0) + step.timings.get(k, 0.0)
+                        for k in dict.fromkeys([*self.timings, *step.timings])}
 
 
 def _weight(model: PreTrainedModel, name: str) -> torch.Tensor:
@@ -67,8 +80,7 @@ class SequentialCheckpoint:
 
     def resume(self, model: PreTrainedModel) -> SequentialState:
         """The saved state if the file exists and belongs to these requests and this model's matrices: then the
-        model holds the saved matrices and `state.originals` the ones it held before. Else a fresh state (the
-        model untouched)."""
+        model holds the saved matrices. Else a fresh state (the model untouched)."""
         if self.path is None or not self.path.exists():
             return SequentialState()
         try:
@@ -82,8 +94,8 @@ class SequentialCheckpoint:
                   and bool(saved) and all(saved[n].shape == current[n].shape for n in saved))
             state = SequentialState(
                 done, [TargetDiagnostics(**d) for d in meta["diagnostics"]],
-                residuals=[float(x) for x in meta["residuals"]],
-                timings={k: float(v) for k, v in meta["timings"].items()}, updates=meta["updates"])
+                residual_norms={k: [float(x) for x in v] for k, v in meta["residual_norms"].items()},
+                timings={k: float(v) for k, v in meta["timings"].items()})
         except (OSError, SafetensorError, KeyError, TypeError, ValueError, AttributeError):
             return SequentialState()  # unreadable or another run's: start afresh (the file is overwritten)
         if not ok:
@@ -94,7 +106,6 @@ class SequentialCheckpoint:
                 rows.append(tensors[key].to(device))
         with torch.no_grad():
             for name, W in current.items():
-                state.originals[name] = W.detach().cpu().clone()
                 W.copy_(saved[name].to(W.device, W.dtype))
         return state
 
@@ -106,8 +117,8 @@ class SequentialCheckpoint:
             return
         tensors = {f"weight/{n}": _weight(model, n).detach().cpu().contiguous() for n in names}
         meta = {"done": state.done, "requests": requests_digest(self.requests[: state.done]),
-                "diagnostics": [d.to_dict() for d in state.diagnostics], "residuals": state.residuals,
-                "timings": state.timings, "updates": state.updates}
+                "diagnostics": [d.to_dict() for d in state.diagnostics],
+                "residual_norms": state.residual_norms, "timings": state.timings}
         for key, rows in (("values", state.values), ("attn_values", state.attn_values)):
             if rows:
                 tensors[key] = torch.cat(rows).float().cpu().contiguous()

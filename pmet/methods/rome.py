@@ -2,7 +2,7 @@
 
 For each request, on the model as edited so far:
     v    = m0 + δm at layer l, from the Eq. 10 machinery with one layer, no δa and ROME's stopping rule
-           (loss < stop_loss only; `config.METHOD_OVERRIDES["rome"]`); m0 at the bare prompt
+           (loss < stop_loss only; its record in methods/__init__.py); m0 at the bare prompt
     k*   = key at the subject's last token, averaged over all context templates alike (ROME's compute_u: one
            mean over the template list, not PMET's two-stage mean)
     u    = C0⁻¹ k*                                   (ROME Eq. 2 with the second moment C0 = E[k kᵀ])
@@ -30,9 +30,8 @@ from ..editor import prepare
 from ..keys import Site, key_rows, read_at_subject
 from ..patch import EditResult
 from ..requests import EditRequest
-from ..targets import Targets, compute_targets
-from .checkpoint import SequentialCheckpoint
-from .common import finish_sequential, single_layer
+from ..targets import compute_targets
+from .sequential import Matrix, Step, run_sequential, single_layer, state_targets
 
 
 def rank_one_delta(v: torch.Tensor, current: torch.Tensor, k: torch.Tensor, C0: torch.Tensor) -> torch.Tensor:
@@ -57,6 +56,7 @@ def edit_rome(
     progress: bool = True,
     fingerprint: str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    **_: object,
 ) -> EditResult:
     """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult.
     With `checkpoint` (a file), progress is saved there every minute and a rerun resumes from it (checkpoint.py)."""
@@ -66,39 +66,27 @@ def edit_rome(
                    cache_dir=cache_dir, progress=progress, fingerprint=fingerprint)
     name = layout.edited_module(l, "ffn")
     W = get_weight(model, name)
-    original = W.detach().cpu().clone()
     key_site, value_site = Site(name, "in"), Site(layout.ffn_out(l), "out")
-    saver = SequentialCheckpoint(checkpoint, requests)
-    state = saver.resume(model)  # after `original` was read: Δ stays W_now − W_0 of the unedited model
-    t_targets, t_update = state.timings.get("targets", 0.0), state.timings.get("update", 0.0)
-    from tqdm.auto import tqdm
 
-    for r in tqdm(requests[state.done :], desc="rome", unit="edit", disable=not progress, initial=state.done,
-                  total=len(requests)):
+    def step(chunk: list[EditRequest], _: int) -> Step:
         t = time.perf_counter()
-        tg = compute_targets(model, tok, layout, [r], prep.templates, config)
-        t_targets += time.perf_counter() - t
+        tg = compute_targets(model, tok, layout, chunk, prep.templates, config)
+        t_targets = time.perf_counter() - t
         t = time.perf_counter()
-        got = read_at_subject(model, key_rows(tok, [r], prep.templates), [key_site, value_site],
+        got = read_at_subject(model, key_rows(tok, chunk, prep.templates), [key_site, value_site],
                               pad_id=tok.pad_token_id, stop_after=value_site.module)
         k = got[key_site].mean(0)  # k*: one mean over this request's template rows (ROME's compute_u)
         current = got[value_site].mean(0)  # W k* (+ bias), read in the same pass
         delta = rank_one_delta(tg.ffn[0], current, k, prep.c0[(l, "ffn")])
         with torch.no_grad():
             W.add_(as_linear(delta, layout.spec.conv1d).to(W.dtype))
-        t_update += time.perf_counter() - t
-        state.done += 1
-        state.diagnostics += tg.diagnostics
-        state.values.append(tg.ffn)
-        state.residuals.append(float((tg.ffn[0] - current).norm()))
-        state.timings = {"targets": t_targets, "update": t_update}
-        saver.save(model, [f"{name}.weight"], state, final=state.done == len(requests))
-    diags, v_all, residuals = state.diagnostics, state.values, state.residuals
-    update = finish_sequential(model, name, l, original, sum(residuals) / len(residuals))
-    return EditResult(
-        requests=list(requests), config=config, updates=[update], originals={f"{name}.weight": original},
-        targets=Targets(ffn=torch.cat(v_all), attn=None, diagnostics=diags),
-        context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=model_name,
-        timings={**prep.timings, "targets": t_targets, "update": t_update}, stats=prep.stats,
-    )
+        return Step(tg.diagnostics, tg.ffn, residual_norms={f"{name}.weight": float((tg.ffn[0] - current).norm())},
+                    timings={"targets": t_targets, "update": time.perf_counter() - t})
 
+    state, updates, originals = run_sequential(model, requests, [Matrix(f"{name}.weight", l)], step,
+                                               checkpoint=checkpoint, progress=progress, desc="rome")
+    return EditResult(
+        requests=list(requests), config=config, updates=updates, originals=originals, targets=state_targets(state),
+        context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=model_name,
+        timings={**prep.timings, **state.timings}, stats=prep.stats,
+    )
