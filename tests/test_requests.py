@@ -1,4 +1,5 @@
-"""Tests of pmet.requests: every supported file format on real records, and every kind of bad input."""
+"""Tests of pmet.requests: every supported file format on small in-tree fixtures (tests/fixtures/), a few
+whole-file checks on the real benchmark files when they are present, and every kind of bad input."""
 
 from __future__ import annotations
 
@@ -11,11 +12,26 @@ import pytest
 from pmet.errors import ConfigError, RequestError
 from pmet.requests import EditRequest, load_requests, make_request, parse_record, save_requests
 
+# Hand-made records with the keys, nesting and types of the real files, invented content.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROME_FX = FIXTURES / "counterfact_rome.json"  # CounterFact as released with ROME/MEMIT
+EASYEDIT_FX = FIXTURES / "counterfact_easyedit.json"  # EasyEdit's CounterFact split (case ids 30, 41 shared)
+ZSRE_MEND_FX = FIXTURES / "zsre_mend.json"  # zsRE, MEND/ROME format with EasyEdit's portability field
+KNOWEDIT_FX = FIXTURES / "zsre_knowedit.json"  # KnowEdit's zsRE
+MIXED_JSONL_FX = FIXTURES / "requests_mixed.jsonl"  # one record per format, line 2 blank
+CSV_FX = FIXTURES / "requests.csv"  # UTF-8 with a byte order mark, padded header, extra column, blank row
+
+# The real benchmark files (under the data_dir fixture), for the whole-file checks only.
 ROME = "counterfact_rome_subsets/multi_counterfact-50.json"
 ROME_SUBSET = "counterfact_rome_subsets/counterfact_rome_format_subset.json"
 EASYEDIT = ("counterfact-train.json", "counterfact-edit.json", "counterfact-val.json")
 ZSRE_MEND = "zsre/zsre_mend_eval_portability_gpt4.json"
 KNOWEDIT = "zsre/ZsRE-test-all.json"
+
+
+def _fixture(path: Path) -> list[dict]:
+    """A fresh copy of a fixture's raw records (tests may modify it)."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _raw(data_dir: Path, name: str) -> list[dict]:
@@ -38,31 +54,304 @@ NATIVE = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# real data, one test per format
+# one test per format, on the fixtures
 
 
-def test_counterfact_rome_format(data_dir: Path) -> None:
-    raw = _raw(data_dir, ROME)
-    requests = load_requests(data_dir / ROME)
-    assert len(requests) == len(raw) == 43
-    r = requests[0]
-    assert r == EditRequest(
-        subject="Danielle Darrieux",
+def test_counterfact_rome_format() -> None:
+    requests = load_requests(ROME_FX)
+    assert len(requests) == 3
+    assert requests[0] == EditRequest(
+        subject="Marisol Quenteiro",
         prompt="The mother tongue of {} is",
-        target_new="English",
-        target_true="French",
-        paraphrase_prompts=tuple(raw[0]["paraphrase_prompts"]),
-        neighborhood_prompts=tuple(raw[0]["neighborhood_prompts"]),
-        generation_prompts=tuple(raw[0]["generation_prompts"]),
-        case_id=0,
+        target_new="Dutch",
+        target_true="Portuguese",
+        paraphrase_prompts=(
+            "The ferry left at dawn. Marisol Quenteiro, a native",
+            "Rain fell all week in the valley. Marisol Quenteiro spoke the language",
+        ),
+        neighborhood_prompts=(
+            "The mother tongue of Teodoro Alvim is",
+            "Inês Carvalhedo is a native speaker of",
+            "The native language of Rui Pestanha is",
+        ),
+        # kept as in the file, repeat included; attribute_prompts are not part of a request
+        generation_prompts=(
+            "Marisol Quenteiro's mother tongue is",
+            "Marisol Quenteiro was born in",
+            "Marisol Quenteiro's mother tongue is",
+        ),
+        case_id=7,
         neighborhood_target=None,
     )
-    assert r.text == "The mother tongue of Danielle Darrieux is"
+    assert [r.case_id for r in requests] == [7, 30, 41]
+    assert [r.prompt for r in requests] == ["The mother tongue of {} is", "{}, which is located in", "{} plays the"]
+    assert [r.text for r in requests] == [
+        "The mother tongue of Marisol Quenteiro is",
+        "Vellmore Abbey, which is located in",
+        "Keiko Amarisu plays the",
+    ]
+    assert [(r.target_new, r.target_true) for r in requests] == [
+        ("Dutch", "Portuguese"),
+        ("Norway", "Scotland"),
+        ("violin", "trumpet"),
+    ]
+    assert requests[2].neighborhood_prompts == (
+        "Dizzy Hallorann plays the",
+        "Marco Trevisanti performs on the",
+        "Lou Kessendorf plays the",
+    )
+
+
+def test_easyedit_counterfact() -> None:
+    requests = load_requests(EASYEDIT_FX)
+    assert requests[0] == EditRequest(
+        subject="Harnfield Motor Works",
+        prompt="The headquarters of {} is in",  # the file has the subject written in: located and replaced
+        target_new="Lisbon",
+        target_true="Coventry",
+        paraphrase_prompts=("A storm closed the pass. Harnfield Motor Works's headquarters are in",),
+        neighborhood_prompts=("The headquarters of Brackley Looms is in",),
+        case_id=12,
+        neighborhood_target="Coventry",
+    )
+    assert requests[0].text == "The headquarters of Harnfield Motor Works is in"
+    assert [r.case_id for r in requests] == [12, 30, 41]
+    assert [r.prompt for r in requests] == ["The headquarters of {} is in", "{}, which is located in", "{} plays the"]
+    assert [(r.target_new, r.target_true, r.neighborhood_target) for r in requests] == [
+        ("Lisbon", "Coventry", "Coventry"),
+        ("Norway", "Scotland", "Scotland"),
+        ("violin", "trumpet", "trumpet"),
+    ]
+    assert requests[2].paraphrase_prompts == ("Keiko Amarisu is incredible at",)
+    assert requests[2].neighborhood_prompts == ("Dizzy Hallorann plays the",)
+
+
+def test_counterfact_rome_and_easyedit_fixtures_agree() -> None:
+    """The two CounterFact formats give the same edit for a shared case id (what the real files show below)."""
+    rome = {r.case_id: r for r in load_requests(ROME_FX)}
+    easy = {r.case_id: r for r in load_requests(EASYEDIT_FX)}
+    assert sorted(rome.keys() & easy.keys()) == [30, 41]
+    for case_id in (30, 41):
+        r, e = rome[case_id], easy[case_id]
+        assert (e.prompt, e.subject, e.target_new, e.target_true) == (r.prompt, r.subject, r.target_new, r.target_true)
+        assert e.neighborhood_prompts[0] in r.neighborhood_prompts
+        assert e.neighborhood_target == r.target_true
+    assert rome[30].text == easy[30].text == "Vellmore Abbey, which is located in"
+
+
+def test_zsre_mend_format() -> None:
+    requests = load_requests(ZSRE_MEND_FX)
+    assert len(requests) == 3
+    # pmet edit follows EasyEdit: the new target is `alt`, the true one answers[0]; pred, cond and portability
+    # are not read; the unrelated question is `loc` as it stands (pmet eval adds MEMIT's "?", see test_eval_data)
+    assert requests[0] == EditRequest(
+        subject="Pelloria Cup",
+        prompt="When was the inception of {}?",
+        target_new="2004",
+        target_true="1987",
+        paraphrase_prompts=("When was the Pelloria Cup first held?",),
+        neighborhood_prompts=("nq question: who painted the ceiling of the old harbour library",),
+        case_id=None,
+        neighborhood_target="Marta Evenholt",
+    )
+    # alt is stored as " Sardinian Sea": stripped; of several answers the first is the true target
+    assert (requests[1].target_new, requests[1].target_true) == ("Sardinian Sea", "Tyrrhenian Basin")
+    assert requests[1].prompt == "Which body of water is {} next to?"
+    assert requests[1].text == "Which body of water is Capo Veltrano next to?"
+    assert requests[1].neighborhood_target == "1968"
+    assert (requests[2].subject, requests[2].prompt) == ("Quillmoth", "Which family does {} belong to?")
+    assert (requests[2].target_new, requests[2].target_true) == ("Pieridae", "Erebidae")
+
+
+def test_knowedit_zsre_format() -> None:
+    requests = load_requests(KNOWEDIT_FX)
+    assert len(requests) == 3
+    assert requests[0] == EditRequest(
+        subject="Brennoceras",
+        prompt="Which family does {} belong to?",
+        target_new="Tortricidae",
+        target_true="Perisphinctidae",
+        paraphrase_prompts=("What family are Brennoceras?",),
+        neighborhood_prompts=("The taxon rank of Brennoceras is", "Brennoceras taxon rank"),
+        case_id=None,
+        neighborhood_target="genus",
+    )
+    # subject stored as "Harrowgate Vale " and target as " Saint Odran": stripped, and the subject still located
+    r = requests[1]
+    assert r.subject == "Harrowgate Vale"
+    assert r.prompt == "What is {} named after?" and r.text == "What is Harrowgate Vale named after?"
+    assert (r.target_new, r.target_true) == ("Saint Odran", "River Harrow")  # first of two ground truths
+    assert r.neighborhood_prompts == ("The country of Harrowgate Vale is", "Harrowgate Vale country")
+    assert r.neighborhood_target == "England"
+    assert requests[2].prompt == "Who is {}'s father?"
+    assert (requests[2].target_new, requests[2].target_true) == ("Petr Maran", "Karel Maran")
+    assert requests[2].neighborhood_target == "glassblower"
+
+
+def test_jsonl_mixes_formats_line_by_line(tmp_path: Path) -> None:
+    native, rome, zsre, easy, knowedit = load_requests(MIXED_JSONL_FX)
+    assert native == EditRequest(
+        subject="Orla Brinsley",
+        prompt="{} works as a",  # written as "Orla Brinsley works as a"
+        target_new="lighthouse keeper",
+        target_true="cartographer",
+        paraphrase_prompts=("Orla Brinsley's job is",),
+        neighborhood_prompts=("Tamsin Hollow works as a",),
+        case_id="n1",
+        neighborhood_target="cartographer",
+    )
+    assert rome == EditRequest(
+        subject="Evert Solheim",
+        prompt="{} was born in",
+        target_new="Tallinn",
+        target_true="Bergen",
+        paraphrase_prompts=("Evert Solheim's birthplace is",),
+        neighborhood_prompts=("Halvard Rue was born in",),
+        generation_prompts=("Evert Solheim grew up in",),
+        case_id=88,
+    )
+    assert zsre == EditRequest(
+        subject="Marrow Fen",
+        prompt="In which county is {}?",
+        target_new="Suffolk",
+        target_true="Lincolnshire",
+        paraphrase_prompts=("Marrow Fen lies in which county?",),
+        neighborhood_prompts=("nq question: who built the first tide mill on the estuary",),
+        neighborhood_target="Edwin Pask",
+    )
+    assert easy == EditRequest(
+        subject="Tobiah Lenk",
+        prompt="{} is a citizen of",
+        target_new="Chile",
+        target_true="Austria",
+        paraphrase_prompts=("Tobiah Lenk holds citizenship of",),
+        neighborhood_prompts=("Wendelin Sauer is a citizen of",),
+        case_id=301,
+        neighborhood_target="Austria",
+    )
+    assert knowedit == EditRequest(
+        subject="Corvenna",
+        prompt="Which family does {} belong to?",
+        target_new="Lycaenidae",
+        target_true="Sphingidae",
+        paraphrase_prompts=("What family are Corvenna?",),
+        neighborhood_prompts=("The taxon rank of Corvenna is",),
+        neighborhood_target="genus",
+    )
+    # a limit counts records, not lines (line 2 is blank)
+    assert load_requests(MIXED_JSONL_FX, limit=2) == [native, rome]
+    # errors name the line: the fifth record is on line 6
+    lines = MIXED_JSONL_FX.read_text(encoding="utf-8").split("\n")
+    bad = json.loads(lines[5])
+    bad["locality"]["Relation_Specificity"][0]["prompt"] = " "
+    lines[5] = json.dumps(bad)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(RequestError) as info:
+        load_requests(path)
+    assert (info.value.record, info.value.field) == (6, "locality.Relation_Specificity[0].prompt")
+    assert info.value.problem == "must not be empty"
+
+
+def test_csv_fixture(tmp_path: Path) -> None:
+    a, b = load_requests(CSV_FX)
+    assert a == EditRequest(
+        subject="Orla Brinsley",
+        prompt="{} works as a",
+        target_new="lighthouse keeper",
+        target_true="cartographer",
+        paraphrase_prompts=("Orla Brinsley's job is", "Orla Brinsley, by trade, is a"),
+        neighborhood_prompts=("Tamsin Hollow works as a",),
+        case_id=3,  # the byte order mark before the header's first name is not part of it
+        neighborhood_target="cartographer",
+    )
+    assert b == EditRequest(
+        subject="Dane Ferrow, Jr.",
+        prompt="The birthplace of {} is",
+        target_new="Halvergate",
+        target_true=None,  # empty cell
+        paraphrase_prompts=("Dane Ferrow, Jr. was born in",),
+        neighborhood_prompts=(),
+        case_id="b-7",
+    )
+    assert load_requests(CSV_FX, limit=1) == [a]
+    crlf = tmp_path / "crlf.csv"  # as a spreadsheet on Windows writes it
+    crlf.write_bytes(CSV_FX.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_requests(crlf) == [a, b]
+
+
+def test_limit(tmp_path: Path) -> None:
+    assert [r.case_id for r in load_requests(ROME_FX, limit=2)] == [7, 30]
+    assert load_requests(ROME_FX, limit=2) == load_requests(ROME_FX)[:2]
+    assert [r.case_id for r in load_requests(ROME_FX, limit=10)] == [7, 30, 41]
+    # records past the limit are not read at all
+    raw = _fixture(ROME_FX)
+    raw[2]["requested_rewrite"]["prompt"] = "Somebody plays the"
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    assert [r.case_id for r in load_requests(path, limit=2)] == [7, 30]
+    with pytest.raises(RequestError) as info:
+        load_requests(path)
+    assert (info.value.record, info.value.field) == (3, "requested_rewrite.prompt")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError):
+            load_requests(ROME_FX, limit=bad)
+
+
+def test_many_records_load_fast(tmp_path: Path) -> None:
+    import time
+
+    records = [dict(NATIVE, case_id=i, subject=f"Person {i}") for i in range(20_000)]
+    path = _write_jsonl(tmp_path / "big.jsonl", records)
+    start = time.perf_counter()
+    requests = load_requests(path)
+    assert len(requests) == 20_000 and requests[-1].subject == "Person 19999"
+    assert time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real benchmark files (skipped without them): properties of whole files
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        (ROME, 43),
+        (ROME_SUBSET, 1000),
+        *zip((f"counterfact_easyedit/{n}" for n in EASYEDIT), (9993, 9836, 1917), strict=True),
+        (ZSRE_MEND, 1037),
+        (KNOWEDIT, 1301),
+    ],
+)
+def test_real_file_loads_every_record(data_dir: Path, name: str, count: int) -> None:
+    """Every record of each real file (as SOURCES.md counts them) is read, with the subject filled in exactly as
+    the file has it."""
+    raw = _raw(data_dir, name)
+    requests = load_requests(data_dir / name)
+    assert len(requests) == len(raw) == count
     for req, rec in zip(requests, raw, strict=True):
-        assert req.case_id == rec["case_id"]
-        assert req.prompt == rec["requested_rewrite"]["prompt"]
-        assert req.target_new == rec["requested_rewrite"]["target_new"]["str"]
-        assert len(req.neighborhood_prompts) == 10 and len(req.paraphrase_prompts) == 2
+        assert req.prompt.count("{}") == 1
+        if "requested_rewrite" in rec:
+            rr = rec["requested_rewrite"]
+            assert req.case_id == rec["case_id"] and req.prompt == rr["prompt"]
+            assert (req.target_new, req.target_true) == (rr["target_new"]["str"], rr["target_true"]["str"])
+            assert req.neighborhood_prompts == tuple(rec["neighborhood_prompts"])
+        elif "src" in rec:
+            assert req.text == rec["src"]
+            assert (req.target_new, req.target_true) == (rec["alt"].strip(), rec["answers"][0])
+            assert (req.neighborhood_prompts, req.neighborhood_target) == ((rec["loc"],), rec["loc_ans"])
+        else:
+            assert req.text == rec["prompt"] and req.subject == rec["subject"].strip()
+            assert req.target_new == rec["target_new"].strip()
+            truth = rec["ground_truth"]
+            assert req.target_true == (truth[0] if isinstance(truth, list) else truth)
+            if "locality_prompt" in rec:  # EasyEdit CounterFact
+                assert req.neighborhood_prompts == (rec["locality_prompt"],)
+                assert req.neighborhood_target == rec["locality_ground_truth"]
+            else:  # KnowEdit: every locality prompt of the real file has the same answer
+                items = rec["locality"]["Relation_Specificity"]
+                assert req.neighborhood_prompts == tuple(x["prompt"] for x in items)
+                assert req.neighborhood_target == items[0]["ground_truth"][0]
 
 
 def test_counterfact_text_matches_easyedit_prompt(data_dir: Path) -> None:
@@ -96,76 +385,6 @@ def _raw_prompt(data_dir: Path, case_id: int) -> str:
             for rec in _raw(data_dir, f"counterfact_easyedit/{name}"):
                 _EASY_PROMPTS[rec["case_id"]] = rec["prompt"]
     return _EASY_PROMPTS[case_id]
-
-
-def test_easyedit_counterfact(data_dir: Path) -> None:
-    raw = _raw(data_dir, "counterfact_easyedit/counterfact-train.json")
-    requests = load_requests(data_dir / "counterfact_easyedit/counterfact-train.json")
-    assert len(requests) == len(raw)
-    r, rec = requests[0], raw[0]
-    assert r.case_id == 2 and r.subject == "Toko Yasuda"
-    assert r.prompt == "{}, the" and r.text == rec["prompt"]
-    assert (r.target_new, r.target_true) == ("piano", "guitar")
-    assert r.paraphrase_prompts == (rec["rephrase_prompt"],)
-    assert r.neighborhood_prompts == (rec["locality_prompt"],)
-    assert r.neighborhood_target == rec["locality_ground_truth"]
-    assert all(req.prompt.count("{}") == 1 for req in requests)
-
-
-def test_zsre_mend_format(data_dir: Path) -> None:
-    raw = _raw(data_dir, ZSRE_MEND)
-    requests = load_requests(data_dir / ZSRE_MEND)
-    assert len(requests) == len(raw) == 1037
-    r, rec = requests[0], raw[0]
-    assert r.subject == "IAAF Combined Events Challenge"
-    assert r.prompt == "When was the inception of {}?"
-    assert r.text == rec["src"]
-    assert (r.target_new, r.target_true) == ("2006", "1998")
-    assert r.paraphrase_prompts == (rec["rephrase"],)
-    assert r.neighborhood_prompts == ("nq question: what is the name of the last episode of spongebob",)
-    assert r.neighborhood_target == "The String"
-    # targets that the file stores with a leading space come out stripped
-    padded = [i for i, rec in enumerate(raw) if rec["alt"] != rec["alt"].strip()]
-    assert padded
-    for i in padded:
-        assert requests[i].target_new == raw[i]["alt"].strip()
-    for req, rec in zip(requests, raw, strict=True):
-        assert req.text == rec["src"] and req.target_true == rec["answers"][0]
-
-
-def test_knowedit_zsre_format(data_dir: Path) -> None:
-    raw = _raw(data_dir, KNOWEDIT)
-    requests = load_requests(data_dir / KNOWEDIT)
-    assert len(requests) == len(raw) == 1301
-    r = requests[0]
-    assert r.subject == "Epaspidoceras"
-    assert r.prompt == "Which family does {} belong to?"
-    assert (r.target_new, r.target_true) == ("Noctuidae", "Aspidoceratidae")
-    assert r.paraphrase_prompts == ("What family are Epaspidoceras?",)
-    assert r.neighborhood_prompts == ("The taxon rank of Epaspidoceras is", "Epaspidoceras taxon rank")
-    assert r.neighborhood_target == "genus"
-    # some subjects are stored with a trailing space: stripped, and still located in the prompt
-    i = next(i for i, rec in enumerate(raw) if rec["subject"] != rec["subject"].strip())
-    assert requests[i].subject == raw[i]["subject"].strip()
-    assert requests[i].text == raw[i]["prompt"]
-
-
-def test_limit(data_dir: Path) -> None:
-    assert len(load_requests(data_dir / ROME, limit=5)) == 5
-    assert load_requests(data_dir / ROME, limit=5) == load_requests(data_dir / ROME)[:5]
-    with pytest.raises(ConfigError):
-        load_requests(data_dir / ROME, limit=0)
-
-
-def test_many_records_load_fast(tmp_path: Path) -> None:
-    import time
-
-    records = [dict(NATIVE, case_id=i, subject=f"Person {i}") for i in range(20_000)]
-    path = _write_jsonl(tmp_path / "big.jsonl", records)
-    start = time.perf_counter()
-    requests = load_requests(path)
-    assert len(requests) == 20_000 and requests[-1].subject == "Person 19999"
-    assert time.perf_counter() - start < 10
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,9 +445,11 @@ def test_make_request_errors(kwargs: dict, field: str, problem: str) -> None:
 # parse_record: detection and errors named as in the file
 
 
-def test_round_trip_native(data_dir: Path) -> None:
-    requests = load_requests(data_dir / ROME, limit=3) + load_requests(data_dir / KNOWEDIT, limit=3)
+def test_round_trip_native() -> None:
+    requests = [r for path in (ROME_FX, EASYEDIT_FX, ZSRE_MEND_FX, KNOWEDIT_FX, MIXED_JSONL_FX, CSV_FX)
+                for r in load_requests(path)]
     requests.append(make_request(**NATIVE, case_id="abc", neighborhood_target="French"))
+    assert len(requests) == 20
     for r in requests:
         d = r.to_dict()
         assert isinstance(d["paraphrase_prompts"], list)
@@ -236,13 +457,37 @@ def test_round_trip_native(data_dir: Path) -> None:
         assert again == r
 
 
-def test_save_and_load(tmp_path: Path, data_dir: Path) -> None:
-    requests = load_requests(data_dir / ROME)
+def test_save_and_load(tmp_path: Path) -> None:
+    requests = load_requests(ROME_FX) + load_requests(MIXED_JSONL_FX)
     path = tmp_path / "sub" / "out.jsonl"
     save_requests(requests, path)
     assert load_requests(path) == requests
     assert [p.name for p in path.parent.iterdir()] == ["out.jsonl"]  # no temporary file left behind
-    assert len(path.read_text(encoding="utf-8").splitlines()) == len(requests)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 8
+    assert json.loads(lines[0]) == {
+        "case_id": 7,
+        "subject": "Marisol Quenteiro",
+        "prompt": "The mother tongue of {} is",
+        "target_new": "Dutch",
+        "target_true": "Portuguese",
+        "paraphrase_prompts": [
+            "The ferry left at dawn. Marisol Quenteiro, a native",
+            "Rain fell all week in the valley. Marisol Quenteiro spoke the language",
+        ],
+        "neighborhood_prompts": [
+            "The mother tongue of Teodoro Alvim is",
+            "Inês Carvalhedo is a native speaker of",
+            "The native language of Rui Pestanha is",
+        ],
+        "generation_prompts": [
+            "Marisol Quenteiro's mother tongue is",
+            "Marisol Quenteiro was born in",
+            "Marisol Quenteiro's mother tongue is",
+        ],
+        "neighborhood_target": None,
+    }
+    assert "Inês" in lines[0]  # written as UTF-8, not \\u escapes
 
 
 def test_save_keeps_unicode_line_separators(tmp_path: Path) -> None:
@@ -268,25 +513,37 @@ def test_native_missing_field() -> None:
     assert info.value.field == "target_new" and "missing" in info.value.problem
 
 
-def test_counterfact_error_names_nested_field(data_dir: Path) -> None:
-    rec = _raw(data_dir, ROME)[0]
-    rec["requested_rewrite"]["target_new"] = {"id": "Q1860"}
+def test_counterfact_error_names_nested_field() -> None:
+    rec = _fixture(ROME_FX)[0]
+    rec["requested_rewrite"]["target_new"] = {"id": "Q7411"}
     with pytest.raises(RequestError) as info:
         parse_record(rec, source="cf.json", record=1)
     assert info.value.field == "requested_rewrite.target_new.str"
-    rec["requested_rewrite"]["target_new"] = {"str": "  ", "id": "Q1860"}
-    with pytest.raises(RequestError, match="requested_rewrite.target_new.str"):
+    assert info.value.problem == "required field is missing"
+    rec["requested_rewrite"]["target_new"] = {"str": "  ", "id": "Q7411"}
+    with pytest.raises(RequestError) as info:
         parse_record(rec, source="cf.json", record=1)
-    rec["requested_rewrite"]["target_new"] = {"str": "English"}
+    assert str(info.value) == "cf.json: record 1: field 'requested_rewrite.target_new.str': must not be empty"
+    rec["requested_rewrite"]["target_new"] = {"str": "Dutch"}
     rec["requested_rewrite"]["prompt"] = "The mother tongue of somebody is"
     with pytest.raises(RequestError) as info:
         parse_record(rec, source="cf.json", record=1)
     assert info.value.field == "requested_rewrite.prompt"
-    assert info.value.problem == "subject 'Danielle Darrieux' not found in prompt"
+    assert info.value.problem == "subject 'Marisol Quenteiro' not found in prompt"
+    rec = _fixture(ROME_FX)[1]
+    rec["requested_rewrite"] = "Vellmore Abbey is in Scotland"
+    with pytest.raises(RequestError) as info:
+        parse_record(rec, source="cf.json", record=2)
+    assert (info.value.field, info.value.problem) == ("requested_rewrite", "must be an object, got str")
+    rec = _fixture(ROME_FX)[2]
+    rec["neighborhood_prompts"][1] = 5
+    with pytest.raises(RequestError) as info:
+        parse_record(rec, source="cf.json", record=3)
+    assert (info.value.field, info.value.problem) == ("neighborhood_prompts[1]", "must be a string, got int")
 
 
-def test_zsre_error_names_file_fields(data_dir: Path) -> None:
-    rec = _raw(data_dir, ZSRE_MEND)[0]
+def test_zsre_error_names_file_fields() -> None:
+    rec = _fixture(ZSRE_MEND_FX)[0]
     bad = dict(rec, alt="")
     with pytest.raises(RequestError) as info:
         parse_record(bad, source="z.json", record=1)
@@ -294,35 +551,58 @@ def test_zsre_error_names_file_fields(data_dir: Path) -> None:
     bad = dict(rec, src="When was it founded?")
     with pytest.raises(RequestError) as info:
         parse_record(bad, source="z.json", record=1)
-    assert info.value.field == "src" and "not found in prompt" in info.value.problem
+    assert info.value.field == "src" and info.value.problem == "subject 'Pelloria Cup' not found in prompt"
     bad = dict(rec, answers=[7])
     with pytest.raises(RequestError) as info:
         parse_record(bad, source="z.json", record=1)
     assert info.value.field == "answers[0]"
+    bad = dict(rec, answers={"a": "1987"})
+    with pytest.raises(RequestError) as info:
+        parse_record(bad, source="z.json", record=1)
+    assert (info.value.field, info.value.problem) == ("answers", "must be a list, got an object")
+    bad = dict(rec, loc_ans=" ")
+    with pytest.raises(RequestError) as info:
+        parse_record(bad, source="z.json", record=1)
+    assert info.value.field == "loc_ans"
     no_answers = parse_record(dict(rec, answers=[]), source="z.json", record=1)
-    assert no_answers.target_true is None
+    assert no_answers.target_true is None and no_answers.target_new == "2004"
 
 
-def test_easyedit_error_names_file_fields(data_dir: Path) -> None:
-    rec = _raw(data_dir, "counterfact_easyedit/counterfact-val.json")[0]
+def test_easyedit_error_names_file_fields() -> None:
+    rec = _fixture(EASYEDIT_FX)[0]
     with pytest.raises(RequestError) as info:
         parse_record(dict(rec, rephrase_prompt=""), source="e.json", record=4)
-    assert info.value.field == "rephrase_prompt"
-    rec = _raw(data_dir, KNOWEDIT)[0]
+    assert (info.value.record, info.value.field) == (4, "rephrase_prompt")
+    with pytest.raises(RequestError) as info:
+        parse_record(dict(rec, locality_prompt=["ok", ""]), source="e.json", record=4)
+    assert info.value.field == "locality_prompt[1]"
+    rec = _fixture(KNOWEDIT_FX)[0]
     rec["locality"]["Relation_Specificity"][1]["prompt"] = ""
     with pytest.raises(RequestError) as info:
         parse_record(rec, source="k.json", record=1)
     assert info.value.field == "locality.Relation_Specificity[1].prompt"
+    rec = _fixture(KNOWEDIT_FX)[0]
+    rec["locality"]["Relation_Specificity"][0] = {"ground_truth": ["genus"]}
+    with pytest.raises(RequestError) as info:
+        parse_record(rec, source="k.json", record=1)
+    assert info.value.field == "locality.Relation_Specificity[0]"
+    assert info.value.problem == "must be an object with a 'prompt' field"
+    rec = _fixture(KNOWEDIT_FX)[0]
+    rec["ground_truth"] = [["Perisphinctidae"]]  # nested lists of answers: the first string
+    assert parse_record(rec, source="k.json", record=1).target_true == "Perisphinctidae"
+    rec["ground_truth"] = [3]
+    with pytest.raises(RequestError) as info:
+        parse_record(rec, source="k.json", record=1)
+    assert info.value.field == "ground_truth[0]"
 
 
-def test_easyedit_locality_keeps_only_prompts_with_the_first_answer(data_dir: Path) -> None:
-    rec = _raw(data_dir, KNOWEDIT)[0]
-    rec["locality"]["Relation_Specificity"].append(
-        {"prompt": "Epaspidoceras is a", "ground_truth": ["fossil"]}
-    )
+def test_easyedit_locality_keeps_only_prompts_with_the_first_answer() -> None:
+    rec = _fixture(KNOWEDIT_FX)[0]
+    rec["locality"]["Relation_Specificity"].append({"prompt": "Brennoceras is a", "ground_truth": ["fossil"]})
+    rec["locality"]["Other_Group"] = [{"prompt": "Brennoceras, rank", "ground_truth": ["genus"]}]
     r = parse_record(rec, source="k.json", record=1)
     assert r.neighborhood_target == "genus"
-    assert "Epaspidoceras is a" not in r.neighborhood_prompts and len(r.neighborhood_prompts) == 2
+    assert r.neighborhood_prompts == ("The taxon rank of Brennoceras is", "Brennoceras taxon rank", "Brennoceras, rank")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -445,3 +725,4 @@ def test_example_counterfacts_file() -> None:
         assert len(r.paraphrase_prompts) == 2 and all(r.subject in p for p in r.paraphrase_prompts)
         assert 2 <= len(r.neighborhood_prompts) <= 3
         assert not any(r.subject in p for p in r.neighborhood_prompts)
+

@@ -59,21 +59,7 @@ def _record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_tar
     fmt = _format_of(obj, dataset)
     case_id = obj.get("case_id", index)
     if fmt == "mend":
-        # ROME/MEMIT dsets/zsre.py: prompt = src with the subject as '{}', new target = answers[0] ("alt" with
-        # --zsre-target alt, as EasyEdit does), paraphrase = rephrase, unrelated question = loc + "?" answered
-        # by loc_ans.
-        answers = obj.get("answers") or []
-        target = obj.get("alt") if zsre_target == "alt" else (answers[0] if answers else None)
-        field_name = "alt" if zsre_target == "alt" else "answers[0]"
-        if not isinstance(target, str) or not target.strip():
-            raise RequestError(source, index, field_name, "must be a non-empty string")
-        subject, src = obj.get("subject"), obj.get("src")
-        if not isinstance(subject, str) or not isinstance(src, str) or subject not in src:
-            raise RequestError(source, index, "subject", "must be a string that occurs in 'src'")
-        request = make_request(subject, src.replace(subject, "{}", 1), target, paraphrase_prompts=[obj["rephrase"]],
-                               neighborhood_prompts=[obj["loc"] + "?"], case_id=case_id,
-                               neighborhood_target=obj["loc_ans"], source=source, record=index)
-        return EvalRecord(request, case_id, dataset, fmt, locality_answers=(obj["loc_ans"],))
+        return _mend_record(obj, index, case_id, source, zsre_target)
     request = parse_record(obj, source=source, record=index)
     if dataset == "counterfact" and request.target_true is None:
         raise RequestError(source, index, "target_true", "CounterFact evaluation needs the true target")
@@ -88,6 +74,33 @@ def _record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_tar
             raise RequestError(source, index, "locality", "zsRE evaluation needs an unrelated question with answer")
         answers = (request.neighborhood_target,) * len(request.neighborhood_prompts)
     return EvalRecord(request, case_id, dataset, fmt, relation_id=rel, target_new_id=tid, locality_answers=answers)
+
+
+def _mend_record(obj: dict[str, Any], index: int, case_id: int | str, source: str, zsre_target: str) -> EvalRecord:
+    """ROME/MEMIT dsets/zsre.py: prompt = src with the subject as '{}', new target = answers[0] ("alt" with
+    --zsre-target alt, as EasyEdit does), paraphrase = rephrase, unrelated question = loc + "?" answered by
+    loc_ans. Errors name the file's fields."""
+    def text(key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError(source, index, key, "must be a non-empty string")
+        return value
+
+    answers = obj.get("answers")
+    if zsre_target == "alt":
+        target = text("alt", obj.get("alt"))
+    elif not isinstance(answers, list) or not answers:
+        raise RequestError(source, index, "answers", "must be a non-empty list of strings")
+    else:
+        target = text("answers[0]", answers[0])
+    subject, src = obj.get("subject"), obj.get("src")
+    if not isinstance(subject, str) or not isinstance(src, str) or subject not in src:
+        raise RequestError(source, index, "subject", "must be a string that occurs in 'src'")
+    loc_ans = text("loc_ans", obj.get("loc_ans"))
+    request = make_request(subject, src.replace(subject, "{}", 1), target,
+                           paraphrase_prompts=[text("rephrase", obj.get("rephrase"))],
+                           neighborhood_prompts=[text("loc", obj.get("loc")) + "?"], case_id=case_id,
+                           neighborhood_target=loc_ans, source=source, record=index)
+    return EvalRecord(request, case_id, "zsre", "mend", locality_answers=(loc_ans,))
 
 
 def load_eval_records(path: str | Path, dataset: str, *, n: int | None = None, slice_: str = "test",
