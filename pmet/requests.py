@@ -48,7 +48,10 @@ _INT_RE = re.compile(r"-?\d+")
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write: the model should complete ``prompt`` (subject filled in) with target_new."""
+    """One fact to write: the model should complete ``prompt`` (subject filled in) with target_new.
+
+    ``prompt`` keeps its '{}'; paraphrase and generation prompts are stored filled (a '{}' in them was the
+    subject); neighbourhood prompts are about other subjects and never contain '{}'."""
 
     subject: str
     prompt: str
@@ -132,6 +135,29 @@ class _Checker:
         return tuple(out)
 
 
+    def filled(self, field: str, value: Any, subject: str) -> tuple[str, ...]:
+        """`prompts`, with a '{}' in a prompt standing for the subject as in the `prompt` field (at most one)."""
+        out = []
+        for i, item in enumerate(self.prompts(field, value)):
+            n = item.count("{}") - subject.count("{}") * (subject in item)
+            if n > 1:
+                raise self.item_error(field, i, value, f"must contain at most one '{{}}' (the subject), found {n}")
+            out.append(item.replace("{}", subject, 1) if n == 1 else item)
+        return tuple(out)
+
+    def no_placeholder(self, field: str, value: Any) -> tuple[str, ...]:
+        """`prompts` about other subjects than the request's: a '{}' there has no subject to stand for."""
+        items = self.prompts(field, value)
+        for i, item in enumerate(items):
+            if "{}" in item:
+                raise self.item_error(field, i, value, "is about another subject: write it out instead of '{}'")
+        return items
+
+    def item_error(self, field: str, i: int, value: Any, problem: str) -> RequestError:
+        name = self.names.get(field, field)
+        return RequestError(self.source, self.record, name if isinstance(value, str) else f"{name}[{i}]", problem)
+
+
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", type(None): "null", bool: "a boolean"}.get(
         type(value), type(value).__name__
@@ -171,9 +197,9 @@ def _build(values: Mapping[str, Any], check: _Checker) -> EditRequest:
         prompt=_template(prompt, subject, check),
         target_new=target_new,
         target_true=check.string("target_true", values.get("target_true"), required=False),
-        paraphrase_prompts=check.prompts("paraphrase_prompts", values.get("paraphrase_prompts")),
-        neighborhood_prompts=check.prompts("neighborhood_prompts", values.get("neighborhood_prompts")),
-        generation_prompts=check.prompts("generation_prompts", values.get("generation_prompts")),
+        paraphrase_prompts=check.filled("paraphrase_prompts", values.get("paraphrase_prompts"), subject),
+        neighborhood_prompts=check.no_placeholder("neighborhood_prompts", values.get("neighborhood_prompts")),
+        generation_prompts=check.filled("generation_prompts", values.get("generation_prompts"), subject),
         case_id=case_id,
         neighborhood_target=check.string(
             "neighborhood_target", values.get("neighborhood_target"), required=False

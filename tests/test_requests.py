@@ -726,3 +726,27 @@ def test_example_counterfacts_file() -> None:
         assert 2 <= len(r.neighborhood_prompts) <= 3
         assert not any(r.subject in p for p in r.neighborhood_prompts)
 
+
+
+def test_placeholder_is_the_subject_in_every_prompt_of_the_request(tmp_path: Path) -> None:
+    """'{}' in paraphrase and generation prompts is the subject, as in `prompt`; in neighbourhood prompts (other
+    subjects) it is an error naming the record and the field; no literal '{}' reaches a stored request."""
+    line = {"subject": "Eiffel Tower", "prompt": "The {} is in", "target_new": "Rome",
+            "paraphrase_prompts": ["Where is the {}? It is in the city of", "The Eiffel Tower stands in"],
+            "generation_prompts": "{} is a landmark", "neighborhood_prompts": ["The Louvre is in"]}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(line) + "\n", encoding="utf-8")
+    [r] = load_requests(path)
+    assert r.paraphrase_prompts == ("Where is the Eiffel Tower? It is in the city of", "The Eiffel Tower stands in")
+    assert r.generation_prompts == ("Eiffel Tower is a landmark",)
+    assert r.text == "The Eiffel Tower is in"
+    with pytest.raises(RequestError) as info:
+        parse_record({**line, "neighborhood_prompts": ["The Louvre is in", "{} is near"]}, source="f", record=3)
+    assert (info.value.record, info.value.field) == (3, "neighborhood_prompts[1]")
+    assert "another subject" in info.value.problem
+    with pytest.raises(RequestError) as info:
+        parse_record({**line, "paraphrase_prompts": "{} and {} are in"}, source="f", record=1)
+    assert info.value.field == "paraphrase_prompts" and "at most one" in info.value.problem
+    braces = parse_record({**line, "subject": "A{}B", "prompt": "{} is in",
+                           "paraphrase_prompts": ["A{}B stands in", "{} stands in"]}, source="f", record=1)
+    assert braces.paraphrase_prompts == ("A{}B stands in", "A{}B stands in")  # the subject's own braces are text
