@@ -66,11 +66,38 @@ def main(runs: Path) -> None:
                       f"| {med} | {c['cosine']:.2f} |")
             print()
         paired(runs, runs_)
+        if any("wild_efficacy" in r["metrics"] for r in runs_):
+            protocols(runs_)
     for path in sorted(runs.glob("trace-*/trace.json")):
         trace(json.loads(path.read_text()), path.parent.name)
 
 
 PAIRED = ["efficacy", "generalization", "specificity", "efficacy_magnitude"]
+BOTH = [("efficacy", "Efficacy"), ("wild_efficacy", "Wild eff."), ("generalization", "Generalization"),
+        ("wild_generalization", "Wild gen."), ("specificity", "Specificity"), ("wild_specificity", "Wild spe."),
+        ("portability", "Portability"), ("wild_portability", "Wild port."), ("perplexity", "PPL"),
+        ("perplexity_delta", "ΔPPL"), ("top1_agreement", "Top-1 agree")]
+BY_CONTEXT = ["efficacy", "efficacy_mentions", "generalization", "generalization_mentions", "specificity",
+              "specificity_true", "portability", "portability_mentions"]
+
+
+def protocols(runs_: list[dict]) -> None:
+    """Teacher-forced and free-answer (wild) metrics side by side, then the free answers by context."""
+    from pmet.evaluation.report import cell
+
+    rows = [("unedited", runs_[0]["unedited"]["metrics"])] + [(s["method"], s["metrics"]) for s in runs_]
+    print("Both protocols (bare prompts; wild = the greedy answer states the target):\n")
+    print("| method | " + " | ".join(name for _, name in BOTH) + " |")
+    print("| --- |" + " --- |" * len(BOTH))
+    for label, m in rows:
+        print(f"| {label} | " + " | ".join(cell(k, m.get(k)) for k, _ in BOTH) + " |")
+    print("\nFree answers by context (states; *_mentions: anywhere in the answer):\n")
+    print("| method | context | " + " | ".join(BY_CONTEXT) + " |")
+    print("| --- | --- |" + " --- |" * len(BY_CONTEXT))
+    for label, m in rows:
+        for ctx, values in m.get("wild_by_context", {}).items():
+            print(f"| {label} | {ctx} | " + " | ".join(cell(k, values.get(k)) for k in BY_CONTEXT) + " |")
+    print()
 
 
 def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:

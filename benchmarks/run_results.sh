@@ -2,9 +2,10 @@
 # Regenerates the runs behind docs/RESULTS.md: `bash benchmarks/run_results.sh N OUT [GROUP...]`, then
 # `python benchmarks/make_results.py OUT > docs/RESULTS-tables.md`. N = edits per run (100 in RESULTS.md),
 # OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations
-# stream-tuned zsre zsre-preset trace no-attn-delta gemma gemma-preimage (default: all, in that order; the shared
-# ablations, and our stream-residual deviation, reuse PMET's cached targets). Each run evaluates the unedited model
-# first, edits, evaluates again.
+# stream-tuned zsre zsre-preset trace no-attn-delta gemma gemma-preimage (default: these, in that order; the shared
+# ablations, and our stream-residual deviation, reuse PMET's cached targets), and wild (the portability file: give
+# it its own OUT, its runs have the same model, dataset and size as the smollm2 group's). Each run evaluates the
+# unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
 set -euo pipefail
@@ -12,6 +13,7 @@ N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
 GROUPS_=${*:-smollm2 shared-ablations zsre zsre-preset trace no-attn-delta gemma gemma-preimage}
 DATA=${PMET_DATA_DIR:-../shared/data}
 CF=$DATA/counterfact_rome_subsets/counterfact_rome_format_subset.json
+PORT=$DATA/counterfact_rome_subsets/counterfact_portability_gpt4.json
 ZSRE=$DATA/zsre/zsre_mend_eval_portability_gpt4.json
 COMMON=(--edits "$N" --slice test --corpus "$DATA/wikitext/wikitext-2-raw/wiki.valid.raw" --generation-prompts 2 -q)
 run() {  # name, then pmet eval arguments
@@ -51,6 +53,10 @@ for g in $GROUPS_; do
       run "gemma3-cf$N-memit+post-norm-preimage" --model gemma3-270m --method memit --data "$CF" \
         --set post_norm_residual=preimage --set "layers=[2, 3, 4, 5]" --set mom2_update_weight=500 \
         --label "memit+post-norm-preimage" ;;
+    wild)  # both protocols, one-hop portability and perplexity drift on the portability file's test slice
+      for m in pmet memit rome; do
+        run "smollm2-port$N-$m" --model smollm2-135m --method $m --data "$PORT" --protocol wild --no-generation \
+          --drift-text "$DATA/wikitext/wikitext-2-raw/wiki.test.raw"; done ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
   esac
 done

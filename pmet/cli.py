@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 import typer
-from rich.table import Table
 
 from .console import METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
@@ -44,51 +43,6 @@ def _model_to(lm: Any) -> Any:
         lm.model.save_pretrained(folder)
         lm.tok.save_pretrained(folder)
     return write
-
-
-def _measure(lm: Any, requests: list) -> list[dict]:
-    """Top-1 and P(target_new) on every request prompt, paraphrase and neighbourhood prompt (one batch)."""
-    from .probe import probe
-
-    prompts, targets, where = [], [], []
-    for i, r in enumerate(requests):
-        prompts.append(r.text)
-        targets.append(r.target_new)
-        where.append((i, "request", r.text))
-        for kind, ps in (("paraphrase", r.paraphrase_prompts), ("neighborhood", r.neighborhood_prompts)):
-            for p in ps:
-                prompts.append(p)
-                targets.append(r.target_new)
-                where.append((i, kind, p))
-    probes = probe(lm.model, lm.tok, prompts, targets)
-    out: list[dict] = [{"request": None, "checks": []} for _ in requests]
-    for (i, kind, p), pr in zip(where, probes, strict=True):
-        if kind == "request":
-            out[i]["request"] = pr.to_dict()
-        else:
-            out[i]["checks"].append({"prompt": p, "kind": kind, **pr.to_dict()})
-    return out
-
-
-def _table(rows: list[dict]) -> Table:
-    """One row per request prompt, then one per paraphrase (↳ para) and neighbourhood prompt (↳ neigh)."""
-    t = Table(title="PMET edit: before → after", show_lines=False)
-    for col in ("#", "prompt", "target_new", "top-1 before", "P(new) before", "top-1 after", "P(new) after"):
-        t.add_column(col, overflow="fold")
-    for i, r in enumerate(rows, 1):
-        changed = r["after"]["top1"] != r["before"]["top1"]
-        t.add_row(str(i), r["prompt"], r["target_new"], repr(r["before"]["top1"]),
-                  f"{r['before']['p_target_new']:.3f}", ("[green]" if changed else "") + repr(r["after"]["top1"]),
-                  f"{r['after']['p_target_new']:.3f}")
-        for c in r["checks"]:
-            kind = "↳ para" if c["kind"] == "paraphrase" else "↳ neigh"
-            kept = c["after"]["top1"] == c["before"]["top1"]
-            style = "" if c["kind"] == "paraphrase" else ("[dim]" if kept else "[yellow]")
-            t.add_row("", f"[dim]{kind}[/] {c['prompt']}", "", repr(c["before"]["top1"]),
-                      f"{c['before']['p_target_new']:.3f}", style + repr(c["after"]["top1"]),
-                      f"{c['after']['p_target_new']:.3f}")
-        t.add_section()
-    return t
 
 
 @app.command()
@@ -128,7 +82,8 @@ def edit(
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "layers": parse_layers(layers)}
         reqs = load_requests(requests, limit=limit, one_batch=True)
-        from .methods.apply import apply_method  # torch: imported once the cheap checks passed
+        from .edit_report import measure  # torch: imported once the cheap checks passed
+        from .methods.apply import apply_method
         from .models import load_model
 
         t0 = time.perf_counter()
@@ -138,7 +93,7 @@ def edit(
         check_target_lengths(reqs, lm.tok, max_target_tokens, str(requests))
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
         t = time.perf_counter()
-        before = _measure(lm, reqs)
+        before = measure(lm.model, lm.tok, reqs)
         measure_s = time.perf_counter() - t
         result = apply_method(method, lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir,
                               model_name=model, progress=not quiet, target_cache=target_cache)
@@ -146,14 +101,16 @@ def edit(
             console.print(f"reused {result.stats['target_cache_hits']} of {len(reqs)} target vectors from the cache "
                           "(an earlier or interrupted run)")
         t = time.perf_counter()
-        after = _measure(lm, reqs)
+        after = measure(lm.model, lm.tok, reqs)
         measure_s += time.perf_counter() - t
     except PmetError as e:
         _fail(str(e))
         return
-    rows = _report_rows(reqs, before, after, result.diagnostics())
-    out_console.print(_table(rows))
-    out_console.print(_summary_line(rows, result))
+    from .edit_report import report_rows, summary_line, table
+
+    rows = report_rows(reqs, before, after, result.diagnostics())
+    out_console.print(table(rows))
+    out_console.print(summary_line(rows, result))
     data = {
         "model": model, "config": cfg.to_dict(),
         "timings": {"load": load_s, **result.timings, "measure": measure_s},
@@ -189,44 +146,6 @@ def _write_edit(outputs: Outputs, out: Path | None, report: Path | None, save_mo
                           + (f"; edited model in {out / 'model'}" if save_model else ""))
     if report is not None:
         out_console.print(f"report written to {report}")
-
-
-def _report_rows(reqs: list, before: list[dict], after: list[dict], diagnostics: list[dict]) -> list[dict]:
-    """The report's rows: per request its prompt's measurements before and after, its checks, its diagnostics."""
-    rows = []
-    for r, b, a, d in zip(reqs, before, after, diagnostics, strict=True):
-        rows.append({
-            "subject": r.subject, "prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
-            "before": b["request"], "after": a["request"],
-            "checks": [{"prompt": cb["prompt"], "kind": cb["kind"],
-                        "before": {"top1": cb["top1"], "p_target_new": cb["p_target_new"]},
-                        "after": {"top1": ca["top1"], "p_target_new": ca["p_target_new"]}}
-                       for cb, ca in zip(b["checks"], a["checks"], strict=True)],
-            "diagnostics": d,
-        })
-    return rows
-
-
-def _summary_line(rows: list[dict], result: Any) -> str:
-    """What changed, in one sentence per kind of prompt, then where C0 came from and the timings."""
-    flipped = sum(r["after"]["top1"] != r["before"]["top1"] for r in rows)
-    neigh = [c for r in rows for c in r["checks"] if c["kind"] == "neighborhood"]
-    para = [c for r in rows for c in r["checks"] if c["kind"] == "paraphrase"]
-    return (f"{flipped}/{len(rows)} request prompts changed their top-1; "
-            f"P(new) rose on {sum(c['after']['p_target_new'] > c['before']['p_target_new'] for c in para)}/"
-            f"{len(para)} paraphrases; {sum(c['after']['top1'] == c['before']['top1'] for c in neigh)}/{len(neigh)} "
-            f"neighbourhood prompts kept their top-1.\nC0 from {_stats_line(result.stats)}. Timings (s): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
-
-
-def _stats_line(stats: dict) -> str:
-    parts = []
-    for comp, info in stats.items():
-        if isinstance(info, dict):
-            kind = info.get("corpus_kind", "?")
-            label = "text sampled from the model itself" if kind == "self" else info.get("corpus", "?")
-            parts.append(f"{comp}: {label}, {info.get('n_tokens', '?')} tokens")
-    return "; ".join(parts) or "given"
 
 
 def _patch_command(patch: Path, model: str, out: Path, dtype: str, device: str, cache_dir: Path | None,

@@ -95,7 +95,13 @@ def test_edit_apply_revert_round_trip(tmp_path, examples_path, wiki_corpus, smol
     assert set(data) >= {"model", "config", "timings", "requests"}
     r0 = data["requests"][0]
     assert set(r0) >= {"subject", "prompt", "target_new", "before", "after", "checks"}
-    assert set(r0["before"]) == {"top1", "p_target_new"} and 0 <= r0["after"]["p_target_new"] <= 1
+    assert set(r0["before"]) == {"top1", "p_target_new", "answer", "states_new"}
+    assert 0 <= r0["after"]["p_target_new"] <= 1
+    from pmet.evaluation.wild import states  # both protocols per prompt: the greedy answer and its verdict
+
+    for m in [r0["before"], r0["after"], *(c[w] for c in r0["checks"] for w in ("before", "after"))]:
+        assert m["states_new"] == states(m["answer"], r0["target_new"])
+    assert "Greedy answers stating target_new" in proc.stdout
     assert {c["kind"] for c in r0["checks"]} == {"paraphrase", "neighborhood"}
     assert r0["after"]["p_target_new"] > r0["before"]["p_target_new"]
     assert (out / "patch.safetensors").exists() and (out / "model" / "config.json").exists()

@@ -229,3 +229,25 @@ def test_real_zsre_mend_file_follows_memit(data_dir: Path) -> None:
     dev = load_eval_records(data_dir / ZSRE_MEND, "zsre", slice_="dev")
     test = load_eval_records(data_dir / ZSRE_MEND, "zsre", slice_="test")
     assert len(dev) + len(test) == 1037 and {r.case_id for r in dev}.isdisjoint(r.case_id for r in test)
+
+
+def test_portability_questions(tmp_path: Path) -> None:
+    """EasyEdit's one-hop `portability` field, in both of its shapes, becomes (question, answer) pairs; a record
+    without it has none; a malformed one is a one-line error naming the field."""
+    mend = load_eval_records(ZSRE_MEND_FX, "zsre", slice_="all")
+    assert mend[0].portability == (("Which sport is played at the Pelloria Cup, first held in 2004?", "Rowing"),)
+    ke = load_eval_records(KNOWEDIT_FX, "zsre", slice_="all")
+    assert ke[1].portability == (("What is the Vale of Harrowgate named after?", "Saint Odran"),)
+    assert load_eval_records(ROME_FX, "counterfact", slice_="all")[0].portability == ()
+    cf = _fixture(ROME_FX)
+    cf[0]["portability"] = {"Recalled Relation": "(x, y, z)", "New Question": " Where is it? ",
+                            "New Answer": ["Rowing", "rowing"]}
+    cf[1]["portability"] = {"Reasoning": [{"prompt": "Q1?", "ground_truth": [["A1"]]}, {"prompt": "Q2?",
+                                                                                      "ground_truth": "A2"}]}
+    got = load_eval_records(_write(tmp_path, cf), "counterfact", slice_="all")
+    assert got[0].portability == (("Where is it?", "Rowing"),)
+    assert got[1].portability == (("Q1?", "A1"), ("Q2?", "A2"))
+    cf[2]["portability"] = {"New Question": "Where?", "New Answer": ""}
+    with pytest.raises(RequestError) as info:
+        load_eval_records(_write(tmp_path, cf), "counterfact", slice_="all")
+    assert (info.value.record, info.value.field) == (2, "portability")

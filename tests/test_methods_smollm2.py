@@ -82,6 +82,29 @@ def test_pmet_eval_end_to_end(data_dir, wiki_corpus, tmp_path):
     assert (out / "metrics.png").stat().st_size > 0 and (out / "margins.png").stat().st_size > 0
 
 
+def test_pmet_eval_wild_protocol_end_to_end(data_dir, wiki_corpus, tmp_path):
+    """`pmet eval --protocol wild` on 5 records: both protocols in one summary, for the unedited model too; the
+    unedited SmolLM2 almost never answers a counterfactual target on its own."""
+    out = tmp_path / "wild"
+    args = ["eval", "--method", "pmet", "--data", str(data_dir / CF), "--slice", "dev", "--edits", "5",
+            "--no-generation", "--protocol", "wild", "--corpus", str(wiki_corpus), "--stats-tokens", "20000",
+            "--out", str(out), "-q", "--set", "v_batch_size=5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for state in (summary["metrics"], summary["unedited"]["metrics"]):
+        for key in ("wild_efficacy", "wild_generalization", "wild_specificity", "efficacy"):
+            assert 0.0 <= state[key]["mean"] <= 1.0 and state[key]["ci95"] >= 0.0 and state[key]["n"] == 5
+        assert set(state["wild_by_context"]) == {"bare", "qa", "chat"}  # SmolLM2-Instruct has a chat template
+        assert state["wild_by_context"]["bare"]["efficacy"] == state["wild_efficacy"]
+    assert summary["unedited"]["metrics"]["wild_efficacy"]["mean"] <= 0.2
+    assert summary["eval_options"]["wild"] is True
+    rec = json.loads((out / "records.jsonl").read_text().splitlines()[0])
+    assert len(rec["edited"]["wild"]["chat"]) == len(rec["unedited"]["wild"]["chat"]) > 2
+    header = (out / "summary.md").read_text().splitlines()[0]
+    assert "Wild eff." in header and "Efficacy" in header
+
+
 def test_eval_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"case_id": 3, "requested_rewrite": {"prompt": "{} is in", "subject": "X",

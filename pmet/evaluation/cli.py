@@ -9,36 +9,48 @@ import typer
 from ..console import METHOD_HELP, MODEL_HELP, SET_HELP, console, fail, out_console
 from ..errors import ConfigError, PmetError
 
+DATA_HELP = ("Dataset JSON: full-format or EasyEdit CounterFact; MEND or KnowEdit zsRE (e.g. "
+             "../shared/data/counterfact_rome_subsets/...).")
+ABLATION_HELP = "no-attn-delta | update-attn | even-spread (Table 3); stream-residual (ours, docs/METHOD.md)."
+ZSRE_TARGET_HELP = "zsRE MEND format: new target = answers[0] (ROME/MEMIT) or alt (EasyEdit)."
+PROTOCOL_HELP = ("teacher-forced (the papers' metrics) or wild (also greedy answers judged against the targets, in "
+                 "three contexts: docs/EVALUATION.md).")
+BATCH_HELP = ("Prompts per teacher-forced evaluation pass, each with its targets (default: 64 on a CPU, from free "
+              "memory on a GPU).")
+GENERATION_BATCH_HELP = "Prompts sampled together (default: 256 on a CPU, from free memory on a GPU)."
+CHECKPOINT_HELP = ("ROME, FT-W, --sequential-batches: save the edit's progress every minute (in the cache) so that "
+                   "rerunning an interrupted run resumes it.")
+DRIFT_HELP = ("Perplexity drift and top-1 agreement with the unedited model on 4,096 tokens of held-out text "
+              "(WikiText-2's test split under $PMET_DATA_DIR, default ../shared/data).")
+FORCE_HELP = "Replace the outputs of an earlier run in --out (only the files pmet wrote there)."
+
 
 def eval_command(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     method: str = typer.Option("pmet", help=METHOD_HELP),
     dataset: str = typer.Option("counterfact", help="counterfact or zsre."),
-    data: Path = typer.Option(..., "--data", help="Dataset JSON: full-format or EasyEdit CounterFact; MEND or "
-                              "KnowEdit zsRE (e.g. ../shared/data/counterfact_rome_subsets/...)."),
+    data: Path = typer.Option(..., "--data", help=DATA_HELP),
     edits: int | None = typer.Option(None, "--edits", "-n", help="Number of records (edits); default: all."),
     slice_: str = typer.Option("test", "--slice", help="dev, test or all (docs/EVALUATION.md: fixed by case id)."),
-    ablation: str | None = typer.Option(
-        None, help="no-attn-delta | update-attn | even-spread (Table 3); stream-residual (ours, docs/METHOD.md)."),
+    ablation: str | None = typer.Option(None, help=ABLATION_HELP),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
     sequential_batches: int | None = typer.Option(None, help="Apply the N edits as consecutive batches of K."),
     out: Path = typer.Option(..., "--out", help="Output folder (records.jsonl, summary.json/.md, PNGs)."),
     label: str | None = typer.Option(None, help="Name of the method in tables (default: method[+ablation])."),
-    zsre_target: str = typer.Option("answers", help="zsRE MEND format: new target = answers[0] (ROME/MEMIT) or alt "
-                                    "(EasyEdit)."),
+    zsre_target: str = typer.Option("answers", help=ZSRE_TARGET_HELP),
+    protocol: str = typer.Option("teacher-forced", help=PROTOCOL_HELP),
+    wild_tokens: int = typer.Option(20, min=1, help="wild protocol: new tokens per greedy answer."),
+    drift: bool = typer.Option(True, help=DRIFT_HELP),
+    drift_text: Path | None = typer.Option(None, help="Held-out text for --drift (default: WikiText-2 test split)."),
     generation: bool = typer.Option(True, help="Sample generations for fluency/consistency (full CounterFact)."),
     generation_prompts: int | None = typer.Option(None, help="Generation prompts per record (default: all)."),
     generation_length: int = typer.Option(100, help="Tokens per generated text, prompt included."),
     tfidf_dir: Path | None = typer.Option(None, help="Folder with ROME's idf.npy and tfidf_vocab.json."),
     attribute_snippets: Path | None = typer.Option(None, help="ROME's attribute_snippets.json (consistency)."),
-    batch_size: int | None = typer.Option(None, min=1, help="Prompts per teacher-forced evaluation pass, each with "
-                                          "its targets (default: 64 on a CPU, from free memory on a GPU)."),
-    generation_batch_size: int | None = typer.Option(None, min=1, help="Prompts sampled together (default: 256 on "
-                                                     "a CPU, from free memory on a GPU)."),
-    target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, layer, request, "
-                                      "config)."),
-    checkpoint: bool = typer.Option(True, help="ROME, FT-W, --sequential-batches: save the edit's progress every "
-                                    "minute (in the cache) so that rerunning an interrupted run resumes it."),
+    batch_size: int | None = typer.Option(None, min=1, help=BATCH_HELP),
+    generation_batch_size: int | None = typer.Option(None, min=1, help=GENERATION_BATCH_HELP),
+    target_cache: bool = typer.Option(True, help="Reuse cached target vectors (keyed by model, request, config)."),
+    checkpoint: bool = typer.Option(True, help=CHECKPOINT_HELP),
     corpus: str | None = typer.Option(None, help="C0 corpus: a text file/folder, hf:DATASET, self or auto."),
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),
@@ -49,8 +61,7 @@ def eval_command(
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier run in --out (only the "
-                               "files pmet wrote there)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Edit N benchmark records with one method and report the paper's metrics, the unedited model first."""
     from ..config import config_for, parse_layers, parse_overrides
@@ -61,6 +72,8 @@ def eval_command(
             raise ConfigError("consistency needs both --tfidf-dir and --attribute-snippets")
         if zsre_target not in ("answers", "alt"):
             raise ConfigError("--zsre-target must be 'answers' or 'alt'")
+        if protocol not in ("teacher-forced", "wild"):
+            raise ConfigError("--protocol must be 'teacher-forced' or 'wild'")
         outputs = Outputs("pmet eval", force)
         outputs.folder(out, "--out", ("records.jsonl", "summary.json", "summary.md", "metrics.png", "margins.png"))
         settings = parse_overrides(set_)
@@ -77,6 +90,8 @@ def eval_command(
         cfg = config_for(lm.model.config.model_type, lm.preset, config, method, ablation, overrides, settings)
         opts = EvalOptions(batch_size=batch_size, generation_batch_size=generation_batch_size, generation=generation,
                            generation_prompts=generation_prompts, generation_length=generation_length, seed=seed,
+                           wild=protocol == "wild", wild_tokens=wild_tokens, drift=drift,
+                           drift_text=str(drift_text) if drift_text else None,
                            tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
                            attribute_snippets=str(attribute_snippets) if attribute_snippets else None)
         name = label or (f"{method}+{ablation}" if ablation else method)

@@ -9,6 +9,7 @@ full-format subset) are disjoint from the test records of every other file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class EvalRecord:
     relation_id: str | None = None  # CounterFact relation, for consistency reference texts
     target_new_id: str | None = None  # Wikidata id of the new target, for consistency reference texts
     locality_answers: tuple[str, ...] = field(default_factory=tuple)  # zsRE: answer of each unrelated question
+    portability: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (question, answer) that follow
+    #                                                                           from the new fact (one hop)
 
 
 def _format_of(obj: dict[str, Any], dataset: str) -> str:
@@ -55,7 +58,38 @@ def _format_of(obj: dict[str, Any], dataset: str) -> str:
     raise RequestError("", None, None, f"not a {dataset} record (unrecognised keys {sorted(obj)[:8]})")
 
 
+def _portability(obj: dict[str, Any], index: int, source: str) -> tuple[tuple[str, str], ...]:
+    """One-hop questions whose answer follows from the new fact: EasyEdit's `portability` field, either
+    {"New Question", "New Answer"} (its One Hop CounterFact and zsRE files) or {kind: [{"prompt",
+    "ground_truth"}]} (KnowEdit); () when the record has none."""
+    port = obj.get("portability")
+    if port is None:
+        return ()
+    if isinstance(port, dict) and "New Question" in port:
+        items = [port]
+    elif isinstance(port, dict) and all(isinstance(v, list) for v in port.values()):
+        items = [x for v in port.values() for x in v]
+    else:
+        raise RequestError(source, index, "portability", "expected {'New Question', 'New Answer'} or "
+                           "{kind: [{'prompt', 'ground_truth'}]}")
+    out = []
+    for item in items:
+        q = item.get("New Question", item.get("prompt")) if isinstance(item, dict) else None
+        a = item.get("New Answer", item.get("ground_truth")) if isinstance(item, dict) else None
+        while isinstance(a, list) and a:  # KnowEdit nests answers in lists
+            a = a[0]
+        if not isinstance(q, str) or not q.strip() or not isinstance(a, str) or not a.strip():
+            raise RequestError(source, index, "portability", "each item needs a question and an answer string")
+        out.append((q.strip(), a.strip()))
+    return tuple(out)
+
+
 def _record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_target: str) -> EvalRecord:
+    record = _request_record(obj, index, dataset, source, zsre_target)
+    return dataclasses.replace(record, portability=_portability(obj, index, source))
+
+
+def _request_record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_target: str) -> EvalRecord:
     fmt = _format_of(obj, dataset)
     case_id = obj.get("case_id", index)
     if fmt == "mend":

@@ -59,6 +59,10 @@ class EvalOptions:
     seed: int = 0
     tfidf_dir: str | None = None  # folder with ROME's idf.npy and tfidf_vocab.json
     attribute_snippets: str | None = None  # ROME's attribute_snippets.json
+    wild: bool = False  # also the generation-based protocol (wild.py): greedy answers judged against the targets
+    wild_tokens: int = 20  # new tokens per greedy answer
+    drift: bool = True  # perplexity drift and top-1 agreement on held-out text (drift.py)
+    drift_text: str | None = None  # its text file (None: WikiText-2's test split under $PMET_DATA_DIR)
 
 
 class ReferenceTexts:
@@ -90,7 +94,12 @@ def _cf_rows(tok: PreTrainedTokenizerBase, rec: EvalRecord) -> list[tuple[str, i
         for i, p in enumerate(prompts):
             for which, target in (("new", r.target_new), ("true", r.target_true)):
                 out.append((group, i, which, *encode_pair(tok, p, target)))
-    return out
+    return out + _portability_rows(tok, rec)
+
+
+def _portability_rows(tok: PreTrainedTokenizerBase, rec: EvalRecord) -> list[tuple[str, int, str, tuple, tuple]]:
+    """The record's one-hop questions, each with the answer that follows from the new fact."""
+    return [("portability", i, "port", *encode_pair(tok, q, a)) for i, (q, a) in enumerate(rec.portability)]
 
 
 def _zsre_rows(tok: PreTrainedTokenizerBase, rec: EvalRecord) -> list[tuple[str, int, str, tuple, tuple]]:
@@ -99,7 +108,7 @@ def _zsre_rows(tok: PreTrainedTokenizerBase, rec: EvalRecord) -> list[tuple[str,
     out += [("paraphrase", i, "new", *encode_pair(tok, p, r.target_new)) for i, p in enumerate(r.paraphrase_prompts)]
     out += [("neighborhood", i, "loc", *encode_pair(tok, p, a))
             for i, (p, a) in enumerate(zip(r.neighborhood_prompts, rec.locality_answers, strict=True))]
-    return out
+    return out + _portability_rows(tok, rec)
 
 
 def evaluate_records(model: PreTrainedModel, tok: PreTrainedTokenizerBase, records: list[EvalRecord],
@@ -126,6 +135,8 @@ def evaluate_records(model: PreTrainedModel, tok: PreTrainedTokenizerBase, recor
         results[k]["metrics"] = (_cf_metrics if rec.dataset == "counterfact" else _zsre_metrics)(results[k], ref)
     if opts.generation and records[0].dataset == "counterfact":
         _add_generations(model, tok, records, results, opts, references, progress, desc)
+    if opts.wild:
+        _add_wild(model, tok, records, results, opts, progress, desc)
     return results
 
 
@@ -175,7 +186,13 @@ def _cf_metrics(result: Mapping[str, Any], ref: Mapping[str, Any] | None) -> dic
         out["easyedit_rephrase_acc"] = [float(h) for p in _by(result, "paraphrase", "new") for h in p["hits"]]
     if _by(result, "neighborhood", "true"):
         out["easyedit_locality"] = [float(x) for x in _same_argmax(result, ref, "neighborhood", "true")]
-    return out
+    return out | _portability(result)
+
+
+def _portability(result: Mapping[str, Any]) -> dict[str, list[float]]:
+    """EasyEdit's portability: the fraction of the one-hop answers' tokens that are the teacher-forced argmax."""
+    hits = [float(h) for p in _by(result, "portability", "port") for h in p["hits"]]
+    return {"portability": hits} if hits else {}
 
 
 def _zsre_metrics(result: Mapping[str, Any], ref: Mapping[str, Any] | None) -> dict[str, list[float]]:
@@ -185,7 +202,7 @@ def _zsre_metrics(result: Mapping[str, Any], ref: Mapping[str, Any] | None) -> d
     if _by(result, "neighborhood", "loc"):
         out["specificity"] = [float(x) for x in _same_argmax(result, ref, "neighborhood", "loc")]
         out["specificity_loc_ans"] = [float(h) for p in _by(result, "neighborhood", "loc") for h in p["hits"]]
-    return out
+    return out | _portability(result)
 
 
 def _add_generations(model, tok, records, results, opts, references, progress, desc) -> None:
@@ -210,12 +227,66 @@ def _add_generations(model, tok, records, results, opts, references, progress, d
                 results[k]["metrics"]["consistency"] = [c]
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _wild_prompts(rec: EvalRecord) -> list[tuple[str, int, str, str]]:
+    """(group, index, prompt, the answer that counts as correct there) for every prompt the wild protocol asks:
+    target_new on the rewrite and paraphrase prompts, the neighbour's own answer on neighbourhood prompts, the
+    one-hop answer on portability questions."""
+    r = rec.request
+    own = rec.locality_answers if rec.dataset == "zsre" else (r.target_true,) * len(r.neighborhood_prompts)
+    return ([("rewrite", 0, r.text, r.target_new)]
+            + [("paraphrase", i, p, r.target_new) for i, p in enumerate(r.paraphrase_prompts)]
+            + [("neighborhood", i, p, a) for i, (p, a) in enumerate(zip(r.neighborhood_prompts, own, strict=True))]
+            + [("portability", i, q, a) for i, (q, a) in enumerate(rec.portability)])
+
+
+def _add_wild(model, tok, records, results, opts, progress, desc) -> None:
+    """Greedy answers to every prompt in every context (wild.py), stored per record with their per-record
+    metrics `wild@<context>:<metric>` (and the bare context's as wild_efficacy, ...)."""
+    from .wild import CONTEXTS, context_ids, greedy
+
+    rows = [(k, ctx, q) for k, rec in enumerate(records) for ctx in CONTEXTS for q in _wild_prompts(rec)]
+    ids = {(ctx, q[2]): context_ids(tok, q[2], ctx) for _, ctx, q in rows}
+    rows = [row for row in rows if ids[(row[1], row[2][2])] is not None]  # no chat template: no chat context
+    answers = greedy(model, tok, [ids[(ctx, q[2])] for _, ctx, q in rows], max_new_tokens=opts.wild_tokens,
+                     batch_size=opts.generation_batch_size, progress=progress, desc=f"{desc}: wild")
+    per: dict[tuple[int, str], list[tuple[tuple, str]]] = {}
+    for (k, ctx, q), answer in zip(rows, answers, strict=True):
+        per.setdefault((k, ctx), []).append((q, answer))
+    for (k, ctx), items in per.items():
+        results[k].setdefault("wild", {})[ctx] = [{"group": q[0], "index": q[1], "answer": a} for q, a in items]
+        metrics = _wild_metrics(records[k].request.target_new, items)
+        results[k]["metrics"].update({f"wild@{ctx}:{m}": v for m, v in metrics.items()})
+        if ctx == "bare":
+            results[k]["metrics"].update({f"wild_{m}": metrics[m] for m in (*CORE, "portability") if m in metrics})
+
+
+def _wild_metrics(target_new: str, items: list[tuple[tuple, str]]) -> dict[str, list[float]]:
+    """Per-prompt values of one record in one context (wild.py's module docstring)."""
+    from .wild import mentions, states
+
+    out: dict[str, list[float]] = {}
+    for (group, _, _, own), answer in items:
+        metric = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity",
+                  "portability": "portability"}[group]
+        for suffix, judge in (("", states), ("_mentions", mentions)):
+            said = judge(answer, own if group == "portability" else target_new)
+            out.setdefault(metric + suffix, []).append(float(not said if group == "neighborhood" else said))
+        if group == "neighborhood":
+            out.setdefault("specificity_true", []).append(float(states(answer, own)))
+    return out
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± 95% CI over records of each per-record metric (a record's value: the mean over its prompts or
-    tokens, ROME/MEMIT summarize.py), plus Score = harmonic mean of efficacy, generalization, specificity."""
+    tokens, ROME/MEMIT summarize.py), plus Score = harmonic mean of efficacy, generalization, specificity; the
+    wild protocol's per-context values nested under `wild_by_context`."""
     from .metrics import aggregate_records
 
-    return aggregate_records([r["metrics"] for r in results])
+    out: dict[str, Any] = aggregate_records([r["metrics"] for r in results])
+    for key in [k for k in out if k.startswith("wild@")]:
+        ctx, name = key.removeprefix("wild@").split(":", 1)
+        out.setdefault("wild_by_context", {}).setdefault(ctx, {})[name] = out.pop(key)
+    return out
 
 
 __all__ = ["CORE", "EvalOptions", "ReferenceTexts", "evaluate_records", "summarize"]

@@ -5,22 +5,30 @@ from __future__ import annotations
 
 from typing import Any
 
+# one-hop questions (records with a `portability` field), teacher-forced; then the generation-based protocol
+# (wild.py, bare prompts, `--protocol wild`); each shown when a run has it
+WILD = [("portability", "Portability"), ("wild_efficacy", "Wild eff."), ("wild_generalization", "Wild gen."),
+        ("wild_specificity", "Wild spe."), ("wild_portability", "Wild port.")]
+# what the edit costs the model on held-out text (drift.py); perplexities are not fractions
+DRIFT = [("perplexity", "PPL"), ("perplexity_delta", "ΔPPL"), ("top1_agreement", "Top-1 agree")]
+UNSCALED = ("fluency", "perplexity", "perplexity_delta")
 COLUMNS = {
     "counterfact": [("score", "Score"), ("efficacy", "Efficacy"), ("generalization", "Generalization"),
                     ("specificity", "Specificity"), ("fluency", "Fluency"), ("consistency", "Consistency"),
                     ("efficacy_magnitude", "Eff. mag."), ("generalization_magnitude", "Gen. mag."),
                     ("specificity_magnitude", "Spe. mag."), ("easyedit_rewrite_acc", "EE rewrite acc"),
-                    ("easyedit_rephrase_acc", "EE rephrase acc"), ("easyedit_locality", "EE locality")],
+                    ("easyedit_rephrase_acc", "EE rephrase acc"), ("easyedit_locality", "EE locality"), *WILD, *DRIFT],
     "zsre": [("efficacy", "Efficacy"), ("generalization", "Generalization"), ("specificity", "Specificity"),
-             ("specificity_loc_ans", "Specificity (loc_ans)")],
+             ("specificity_loc_ans", "Specificity (loc_ans)"), *WILD, *DRIFT],
 }
 
 
 def cell(metric: str, value: dict[str, Any] | None) -> str:
-    """A metric as the papers print it: ×100 for fractions (fluency is already ×100), ± the 95% CI."""
+    """A metric as the papers print it: ×100 for fractions (fluency is already ×100; perplexities are not
+    fractions), ± the 95% CI."""
     if not value or value.get("mean") is None:
         return "n/a"
-    scale = 1.0 if metric == "fluency" else 100.0
+    scale = 1.0 if metric in UNSCALED else 100.0
     text = f"{value['mean'] * scale:.1f}"
     if value.get("ci95") is not None:
         text += f" ± {value['ci95'] * scale:.1f}"
@@ -50,7 +58,7 @@ def plot_metrics(summary: dict[str, Any], path: str) -> None:
     import numpy as np
 
     keys = [k for k, _ in COLUMNS[summary["dataset"]]
-            if k != "fluency" and "magnitude" not in k and summary["metrics"].get(k, {}).get("mean") is not None]
+            if k not in UNSCALED and "magnitude" not in k and summary["metrics"].get(k, {}).get("mean") is not None]
     x = np.arange(len(keys))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4))
     for off, (label, m) in zip((-0.2, 0.2), (("unedited", summary["unedited"]["metrics"]),

@@ -27,6 +27,7 @@ from ..methods.apply import apply_method
 from ..methods.checkpoint import requests_digest, saved_edits
 from ..sampling import SCHEME
 from .data import EvalRecord
+from .drift import default_text, drift_metrics, language_stats, text_chunks
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
 
@@ -36,7 +37,8 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
     (every run of a comparison evaluates the same unedited model on the same records)."""
     key = digest({
-        "fingerprint": fp, "records": [[r.case_id, r.request.to_dict(), r.locality_answers] for r in records],
+        "fingerprint": fp,
+        "records": [[r.case_id, r.request.to_dict(), r.locality_answers, r.portability] for r in records],
         "options": asdict(opts), "sampling": SCHEME, "dtype": str(next(lm.model.parameters()).dtype),
     })
     path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
@@ -76,6 +78,31 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
     return cache_root(cache_dir) / "sequential" / f"{method}-{key}.safetensors"
 
 
+def drift_chunks(tok: Any, opts: EvalOptions) -> list[list[int]] | None:
+    """The drift text's token chunks (drift.py), or None when drift is off or no text is at hand."""
+    if not opts.drift:
+        return None
+    path = opts.drift_text or default_text()
+    return text_chunks(tok, path) if path else None
+
+
+def _not_measured(before: dict[str, Any], after: dict[str, Any], records: list[EvalRecord], opts: EvalOptions,
+                  drift: list[dict[str, list]]) -> None:
+    """Add the drift metrics, and say in the summaries what could not be measured, and why."""
+    if drift:
+        before.update(drift_metrics(drift[0], None))
+        after.update(drift_metrics(drift[0], drift[1]))
+    elif opts.drift:
+        note = ("not available: WikiText-2's test split is not under $PMET_DATA_DIR (default ../shared/data); "
+                "pass --drift-text FILE")
+        for m in (before, after):
+            m["perplexity_delta"] = {"mean": None, "ci95": None, "n": 0, "note": note}
+    for m in (before, after):
+        if records[0].dataset == "counterfact" and "consistency" not in m:
+            m["consistency"] = {"mean": None, "ci95": None, "n": 0,
+                                "note": "not available: needs --attribute-snippets and --tfidf-dir"}
+
+
 def _diagnostics(result: Any) -> dict[str, float]:
     """Means over requests of what the target optimisation reached (empty for FT-W, which has no targets)."""
     diags = result.targets.diagnostics
@@ -111,6 +138,8 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     t = time.perf_counter()
     fp = fingerprint(lm.model)  # of the unedited model: keys the unedited results and every cache of the edit
     before = _unedited_results(lm, records, opts, references, cache_dir, progress, fp)
+    chunks = drift_chunks(lm.tok, opts)
+    drift = [language_stats(lm.model, chunks)] if chunks else []
     timings["eval_unedited"] = time.perf_counter() - t
 
     sequential = get_method(method).sequential or bool(sequential_batches and sequential_batches < len(records))
@@ -128,15 +157,13 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         t = time.perf_counter()
         after = evaluate_records(lm.model, lm.tok, records, opts, reference=before, references=references,
                                  progress=progress, desc="edited")
+        drift += [language_stats(lm.model, chunks)] if chunks else []
         timings["eval_edited"] = time.perf_counter() - t
     finally:
         result.revert(lm.model)
 
     metrics_before, metrics_after = summarize(before), summarize(after)
-    for m in (metrics_before, metrics_after):
-        if records[0].dataset == "counterfact" and "consistency" not in m:
-            m["consistency"] = {"mean": None, "ci95": None, "n": 0,
-                                "note": "not available: needs --attribute-snippets and --tfidf-dir"}
+    _not_measured(metrics_before, metrics_after, records, opts, drift)
     stops: dict[str, int] = {}
     for d in result.targets.diagnostics:
         stops[d.stop] = stops.get(d.stop, 0) + 1
