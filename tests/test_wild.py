@@ -41,7 +41,7 @@ def test_contexts_and_chat_template():
     bare = context_ids(tok, "The mother tongue of Danielle Darrieux is", "bare")
     assert bare == tok("The mother tongue of Danielle Darrieux is")["input_ids"]
     qa = tok.decode(context_ids(tok, "The mother tongue of Danielle Darrieux is", "qa"))
-    assert qa.startswith("Complete the sentence") and qa.endswith("Darrieux is ...\nAnswer:")
+    assert qa == "Complete the sentence with the correct fact.\nThe mother tongue of Danielle Darrieux is"
     question = tok.decode(context_ids(tok, "What did Danielle Darrieux speak?", "qa"))
     assert question == "Answer the question in a few words.\nQuestion: What did Danielle Darrieux speak?\nAnswer:"
     assert context_ids(tok, "x is", "chat") is None  # no template, no chat context

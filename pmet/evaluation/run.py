@@ -30,6 +30,7 @@ from .data import EvalRecord
 from .drift import default_text, drift_metrics, language_stats, text_chunks
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_margins, plot_metrics
+from .wild import SCHEME as WILD_SCHEME
 
 
 def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, references: ReferenceTexts | None,
@@ -39,7 +40,8 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     key = digest({
         "fingerprint": fp,
         "records": [[r.case_id, r.request.to_dict(), r.locality_answers, r.portability] for r in records],
-        "options": asdict(opts), "sampling": SCHEME, "dtype": str(next(lm.model.parameters()).dtype),
+        "options": asdict(opts), "sampling": SCHEME, "wild": WILD_SCHEME,
+        "dtype": str(next(lm.model.parameters()).dtype),
     })
     path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
     if path.exists():

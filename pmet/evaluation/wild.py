@@ -5,7 +5,7 @@ and neighbourhood prompt is continued greedily for up to `wild_tokens` new token
 truncation to the target's length; an end-of-sequence token ends it), in three contexts (CONTEXTS):
 
     bare   the prompt as it is
-    qa     the prompt inside a short instruction (QA_STATEMENT, or QA_QUESTION for a prompt ending in "?")
+    qa     the prompt after a short instruction (QA_STATEMENT, or QA_QUESTION for a prompt ending in "?")
     chat   the same instruction as a user turn of the model's chat template (only when its tokenizer has one)
 
 A continuation *states* a target when, both normalised (`normalise`), it begins with the target as whole words,
@@ -34,7 +34,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..sampling import eos_token_ids, sample
 
 CONTEXTS = ("bare", "qa", "chat")
-QA_STATEMENT = "Complete the sentence with the correct fact, in a few words.\nSentence: {} ...\nAnswer:"
+SCHEME = "wild1"  # names the contexts' texts in cache keys of evaluated answers: change it when they change
+# A statement is continued after the instruction (SmolLM2 ends at once after "Sentence: ... Answer:"), a question
+# is answered after "Answer:".
+QA_STATEMENT = "Complete the sentence with the correct fact.\n{}"
 QA_QUESTION = "Answer the question in a few words.\nQuestion: {}\nAnswer:"
 CHAT_STATEMENT = "Complete the sentence with the correct fact, in a few words: {} ..."
 CHAT_QUESTION = "Answer the question in a few words: {}"
