@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..patch import EditResult
 from ..requests import EditRequest
 from . import get_method
+from .checkpoint import add_timings
 from .sequential import Matrix, Step, run_sequential, state_targets
 
 
@@ -65,7 +66,6 @@ def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requ
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=state_targets(state),
         context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=kwargs["model_name"],
-        timings={k: state.timings.get(k, 0.0) + prep.timings.get(k, 0.0)
-                 for k in dict.fromkeys([*state.timings, *prep.timings])},
+        timings=add_timings(state.timings, prep.timings),
         stats=prep.stats,
     )

@@ -60,11 +60,16 @@ class SequentialState:
                 rows.append(new)
         for name, norm in step.residual_norms.items():
             self.residual_norms.setdefault(name, []).append(norm)
-        self.timings = {k: self.timings.get(k, 0.0) + step.timings.get(k, 0.0)
-                        for k in dict.fromkeys([*self.timings, *step.timings])}
+        self.timings = add_timings(self.timings, step.timings)
 
 
-def _weight(model: PreTrainedModel, name: str) -> torch.Tensor:
+def add_timings(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Stage timings summed per stage (stages in order of first appearance)."""
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in dict.fromkeys([*a, *b])}
+
+
+def weight_named(model: PreTrainedModel, name: str) -> torch.Tensor:
+    """The edited matrix `name` (`<module>.weight`) of `model`."""
     return get_weight(model, name.removesuffix(".weight"))
 
 
@@ -89,7 +94,7 @@ class SequentialCheckpoint:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __contains__)
             done = int(meta["done"])
             saved = {k.removeprefix("weight/"): v for k, v in tensors.items() if k.startswith("weight/")}
-            current = {name: _weight(model, name) for name in saved}
+            current = {name: weight_named(model, name) for name in saved}
             ok = (0 < done <= len(self.requests) and meta["requests"] == requests_digest(self.requests[:done])
                   and bool(saved) and all(saved[n].shape == current[n].shape for n in saved))
             state = SequentialState(
@@ -115,7 +120,7 @@ class SequentialCheckpoint:
         write, or if `final`."""
         if self.path is None or (not final and time.monotonic() - self._saved_at < self.every_s):
             return
-        tensors = {f"weight/{n}": _weight(model, n).detach().cpu().contiguous() for n in names}
+        tensors = {f"weight/{n}": weight_named(model, n).detach().cpu().contiguous() for n in names}
         meta = {"done": state.done, "requests": requests_digest(self.requests[: state.done]),
                 "diagnostics": [d.to_dict() for d in state.diagnostics],
                 "residual_norms": state.residual_norms, "timings": state.timings}

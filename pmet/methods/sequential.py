@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from ..arch import get_weight
 from ..config import PMETConfig
 from ..errors import ConfigError
 from ..requests import EditRequest
 from ..targets import TargetDiagnostics, Targets
 from ..update import LayerUpdate
-from .checkpoint import SequentialCheckpoint, SequentialState
+from .checkpoint import SequentialCheckpoint, SequentialState, weight_named
 
 
 @dataclass
@@ -52,7 +51,7 @@ def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices
     (a file; saved at most every checkpoint.SAVE_EVERY_S seconds and after the last chunk). Returns the state,
     one LayerUpdate per matrix (Δ = W_now − W_0, residual norm averaged over steps) and the original weights."""
     names = [m.weight for m in matrices]
-    originals = {n: _weight(model, n).detach().cpu().clone() for n in names}  # before resume: W_0 of this model
+    originals = {n: weight_named(model, n).detach().cpu().clone() for n in names}  # before resume: W_0 of this model
     saver = SequentialCheckpoint(checkpoint, requests)
     state = saver.resume(model)
     from tqdm.auto import tqdm
@@ -78,16 +77,12 @@ def state_targets(state: SequentialState) -> Targets:
                    diagnostics=list(state.diagnostics))
 
 
-def _weight(model: PreTrainedModel, name: str) -> torch.Tensor:
-    return get_weight(model, name.removesuffix(".weight"))
-
-
 def finish_sequential(model: PreTrainedModel, name: str, layer: int, original: torch.Tensor,
                       residual_norm: float, component: str = "ffn") -> LayerUpdate:
     """Turn many in-place additions to `name` (`<module>.weight`) into one Δ = W_now − W_0 (computed in float64)
     and write W_0 + Δ back, so that the model holds exactly what applying the saved patch gives (bit-exact
     apply/revert)."""
-    W = _weight(model, name)
+    W = weight_named(model, name)
     with torch.no_grad():
         delta = (W.detach().double().cpu() - original.double()).to(W.dtype)
         W.copy_(original.to(W.device) + delta.to(W.device))
