@@ -17,13 +17,11 @@ from typing import Any
 import click
 import typer
 
-from .console import METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
+from .console import FORCE_HELP, METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
 from .console import fail_line as _fail_line
 from .errors import ConfigError, PmetError
 from .fileio import Outputs, json_writer
-
-FORCE_HELP = "Replace outputs that exist (in an --out folder, only the files pmet wrote there)."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PMET: precise model editing in a transformer (Li et al., AAAI 2024).")
@@ -35,14 +33,6 @@ def _config_for(lm: Any, config: str | None, method: str, ablation: str | None =
     from .config import config_for
 
     return config_for(lm.model.config.model_type, lm.preset, config, method, ablation, overrides or {}, settings)
-
-
-def _model_to(lm: Any) -> Any:
-    """A writer of the model and its tokenizer (save_pretrained) into a staging folder."""
-    def write(folder: Path) -> None:
-        lm.model.save_pretrained(folder)
-        lm.tok.save_pretrained(folder)
-    return write
 
 
 @app.command()
@@ -70,6 +60,10 @@ def edit(
     max_target_tokens: int = typer.Option(64, help="Refuse a target_new longer than this many tokens."),
     target_cache: bool = typer.Option(True, help="Reuse target vectors cached by an earlier (or interrupted) run "
                                       "(keyed by model, request, templates and config)."),
+    full_patch: bool = typer.Option(False, "--full-patch", help="Store every Δ in full and the original weights "
+                                    "in the patch (reverts without the base model; larger)."),
+    patch_on: list[Path] = typer.Option([], "--patch-on", help="Apply these patches (in order) first and edit the "
+                                        "model they make; the new patch records them as its chain (repeatable)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Apply all requests to a model as ONE batch edit and show what each edit did."""
@@ -92,11 +86,13 @@ def edit(
         load_s = time.perf_counter() - t0
         check_target_lengths(reqs, lm.tok, max_target_tokens, str(requests))
         cfg = _config_for(lm, config, method, ablation, overrides, settings)
+        chain, given = _on_chain(lm, patch_on, method, cfg, corpus, cache_dir, quiet)
         t = time.perf_counter()
         before = measure(lm.model, lm.tok, reqs)
         measure_s = time.perf_counter() - t
         result = apply_method(method, lm.model, lm.tok, reqs, cfg, corpus=corpus, cache_dir=cache_dir,
-                              model_name=model, progress=not quiet, target_cache=target_cache)
+                              model_name=model, progress=not quiet, target_cache=target_cache, **given)
+        _chain_onto(result, chain)
         if result.stats.get("target_cache_hits"):
             console.print(f"reused {result.stats['target_cache_hits']} of {len(reqs)} target vectors from the cache "
                           "(an earlier or interrupted run)")
@@ -117,7 +113,35 @@ def edit(
         "stats": result.stats, "context_templates": result.context_templates,
         "delta_norms": result.delta_norms(), "stream_check": result.stream_check, "requests": rows,
     }
-    _write_edit(outputs, out, report, save_model, lm, result, data)
+    _write_edit(outputs, out, report, save_model, lm, result, data, full_patch, [p for _, p in chain])
+
+
+def _on_chain(lm: Any, patch_on: list[Path], method: str, cfg: Any, corpus: str | None, cache_dir: Path | None,
+              quiet: bool) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """With --patch-on: the chain applied to the base model, and the base model's context templates and C0 for
+    the edit on top (the sequential protocol of --sequential-batches: statistics of the unedited model)."""
+    if not patch_on:
+        return [], {}
+    from .editor import prepare
+    from .methods import get_method
+    from .patch import apply_chain
+    from .patch_cli import load_chain
+
+    chain = load_chain(patch_on)
+    given: dict[str, Any] = {}
+    if get_method(method).statistics:
+        prep = prepare(lm.model, lm.tok, cfg, corpus=corpus, cache_dir=cache_dir, progress=not quiet)
+        given = {"c0": prep.c0, "context_templates": prep.templates}
+    apply_chain(lm.model, chain)
+    return chain, given
+
+
+def _chain_onto(result: Any, chain: list[tuple[str, Any]]) -> None:
+    """Record the patches the edit was made on top of (ids in order) and the chain's base model."""
+    if chain:
+        root = chain[0][1]
+        result.parents = [*root.parents, *(p.patch_id for _, p in chain)]
+        result.base_fingerprint = root.base_fingerprint or root.fingerprint
 
 
 def _edit_outputs(out: Path | None, report: Path | None, save_model: bool, force: bool) -> Outputs:
@@ -133,11 +157,15 @@ def _edit_outputs(out: Path | None, report: Path | None, save_model: bool, force
 
 
 def _write_edit(outputs: Outputs, out: Path | None, report: Path | None, save_model: bool, lm: Any, result: Any,
-                data: dict) -> None:
-    """Write the patch (and the edited model) into `out` and the report, all or nothing (fileio.Outputs)."""
+                data: dict, full_patch: bool, chain: list[Any]) -> None:
+    """Write the patch (and the edited model, with its model card) into `out` and the report, all or nothing
+    (fileio.Outputs)."""
+    from .patch_cli import model_writer
+
     writers: dict[Path, Any] = {}
     if out is not None:
-        writers[out] = lambda folder: (result.save(folder), save_model and _model_to(lm)(folder / "model"))
+        writers[out] = lambda folder: (result.save(folder, full=full_patch), save_model and model_writer(
+            lm, [*chain, result], data["model"])(folder / "model"))
     if report is not None:
         writers[report] = json_writer(data)
     outputs.write(writers)  # a PmetError here is reported by main() as one line
@@ -146,60 +174,6 @@ def _write_edit(outputs: Outputs, out: Path | None, report: Path | None, save_mo
                           + (f"; edited model in {out / 'model'}" if save_model else ""))
     if report is not None:
         out_console.print(f"report written to {report}")
-
-
-def _patch_command(patch: Path, model: str, out: Path, dtype: str, device: str, cache_dir: Path | None,
-                   revert: bool, force: bool) -> None:
-    try:
-        outputs = Outputs(f"pmet {'revert' if revert else 'apply'}", force)
-        outputs.folder(out, "--out", ("config.json", "model.safetensors"))
-        from .models import load_model  # torch and transformers: imported once the cheap checks passed
-        from .patch import EditResult, revert_patch
-
-        p = EditResult.load(patch)
-        lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
-        if revert:
-            revert_patch(lm.model, p)
-        else:
-            p.apply(lm.model)
-        outputs.write({out: _model_to(lm)})
-    except PmetError as e:
-        _fail(str(e))
-        return
-    done = f"restored {len(p.updates)} weights" if revert else \
-        f"applied {len(p.updates)} weight updates for {len(p.requests)} requests"
-    out_console.print(f"{done}; saved to {out}")
-
-
-PATCH_ARG = typer.Argument(..., help="patch.safetensors, or the folder holding it.")
-
-
-@app.command()
-def apply(
-    patch: Path = PATCH_ARG,
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="Save the patched model (save_pretrained format) here."),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
-    cache_dir: Path | None = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-) -> None:
-    """Apply a saved patch to the same base model and save the edited model."""
-    _patch_command(patch, model, out, dtype, device, cache_dir, revert=False, force=force)
-
-
-@app.command()
-def revert(
-    patch: Path = PATCH_ARG,
-    model: str = typer.Option(..., "--model", "-m", help="The edited model (directory, or any model source)."),
-    out: Path = typer.Option(..., "--out", help="Save the restored model here."),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
-    cache_dir: Path | None = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-) -> None:
-    """Restore the original weights of an edited model, bit-exactly, from its patch."""
-    _patch_command(patch, model, out, dtype, device, cache_dir, revert=True, force=force)
 
 
 @app.command()
@@ -316,8 +290,13 @@ def trace(
 
 from .analysis.cli import app as analyze_app  # noqa: E402
 from .evaluation.cli import eval_command  # noqa: E402
+from .patch_cli import apply_command, export_command, revert_command, show_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("apply")(apply_command)
+app.command("revert")(revert_command)
+app.command("show")(show_command)
+app.command("export")(export_command)
 
 app.add_typer(analyze_app, name="analyze", help="Reproduce the paper's analyses (Figure 2, Figure 4).")
 

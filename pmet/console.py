@@ -13,6 +13,7 @@ METHOD_HELP = ("pmet; memit (one δ on the layer output, even spread, MEMIT's st
                "layer, edits applied in sequence); ft (FT-W: L∞-constrained fine-tuning of one FFN projection).")
 SET_HELP = ("Set one config field after the preset and the other options, VALUE read as YAML (repeatable): "
             "--set mom2_update_weight=5000 --set residual=stream.")
+FORCE_HELP = "Replace outputs that exist (in an --out folder, only the files pmet wrote there)."
 MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
 
 

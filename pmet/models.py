@@ -96,6 +96,14 @@ def _embedded_gguf(name: str, cache: Path) -> Path:
     raise ModelError(f"embedded model '{name}': {direct} is missing; reinstall with `{entry.install}`")
 
 
+def gguf_file(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF file `name` loads from (an embedded alias or a .gguf path), else None."""
+    if name in EMBEDDED:
+        return _embedded_gguf(name, cache_root(cache_dir))
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
 def _gguf_cache_dir(gguf: Path, cache: Path, dtype: torch.dtype) -> Path:
     return cache / "models" / f"{gguf.stem}-{files_stamp([gguf], 8)}-{str(dtype).removeprefix('torch.')}"
 

@@ -9,7 +9,8 @@ spread"):
     R_l  = R / sqrt(L − l + 1)   (PMET, Eq. 11)   or   R / (L − l + 1)   (MEMIT, even spread)
          → preimage(m_l, R_l) − m_l     (post_norm_residual="preimage", a MEMIT deviation for post-norm
                                          architectures: the pre-norm change that moves the stream by R_l)
-    Δ_l  = R_l K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹                   (Eq. 9), in float64 by a Cholesky solve
+    Δ_l  = R_l K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹ = U Vᵀ             (Eq. 9), in float64 by a Cholesky solve; a low-rank
+                                                     patch stores (U, V) (`stored_delta`)
     W_l += Δ_l
 
 `StreamCheck` is a diagnostic, not part of the method: how much the residual stream at layer L (subject's last
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .arch import ModelLayout, as_linear, get_weight
+from .arch import ModelLayout, get_weight
 from .config import PMETConfig
 from .context import ContextTemplates, flat
 from .errors import ConfigError
@@ -72,10 +73,12 @@ def post_norm_preimage(m: torch.Tensor, r: torch.Tensor, g: torch.Tensor, iters:
     return (rms * u).to(m.dtype)
 
 
-def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) -> torch.Tensor:
-    """Eq. 9: Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹, in float64, by Cholesky (falls back to LU), never an inverse.
+def solve_factors(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 9 as two factors: Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹ = U Vᵀ with U = R and V = (λ C0 + K Kᵀ)⁻¹ K, in float64, by
+    Cholesky (falls back to LU), never an inverse. Δ has rank ≤ n, so (U, V) is what a patch needs to store.
 
-    R: (d_out, n) residuals; K: (d_in, n) keys; C0: (d_in, d_in) = E[k kᵀ]. Returns Δ: (d_out, d_in).
+    R: (d_out, n) residuals; K: (d_in, n) keys; C0: (d_in, d_in) = E[k kᵀ]. Returns U (d_out, n), V (d_in, n).
     Besides C0, at most two d_in × d_in matrices exist at a time: A = λ C0 + K Kᵀ (built in place) and its
     Cholesky factor (A is freed before the solve).
     """
@@ -83,12 +86,46 @@ def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) 
     A = K @ K.T
     A.add_(C0.to(device=K.device, dtype=torch.float64), alpha=lam)  # symmetric positive (semi)definite
     chol, info = torch.linalg.cholesky_ex(A)
-    # Δᵀ = A⁻¹ K Rᵀ since A is symmetric
     if int(info) == 0:
         del A
-        return torch.cholesky_solve(K @ R.T, chol).T
+        return R, torch.cholesky_solve(K, chol)
     del chol
-    return torch.linalg.solve(A, K @ R.T).T
+    return R, torch.linalg.solve(A, K)
+
+
+def solve_delta(R: torch.Tensor, K: torch.Tensor, C0: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 9: Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹ (d_out, d_in), float64: the product of `solve_factors`."""
+    U, V = solve_factors(R, K, C0, lam)
+    return U @ V.T
+
+
+def factor_product(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """P Qᵀ in float64 with the same bits on every machine and device: Σ_i p_i q_iᵀ summed in order i = 0..r−1,
+    each product and each sum one correctly rounded IEEE operation (separate kernels: no FMA, no BLAS blocking).
+    A low-rank patch stores (P, Q); the edit and every later apply expand them with this one function."""
+    P, Q = P.double(), Q.double()
+    out = torch.zeros(P.shape[0], Q.shape[0], dtype=torch.float64, device=P.device)
+    term = torch.empty_like(out)
+    for i in range(P.shape[1]):
+        torch.mul(P[:, i : i + 1], Q[:, i], out=term)
+        out.add_(term)
+    return out
+
+
+def low_rank_pays(rows: int, cols: int, rank: int, dtype: torch.dtype) -> bool:
+    """Whether float64 factors (rows + cols) × rank take less room than the full Δ in the weight's dtype."""
+    return (rows + cols) * rank * 8 < rows * cols * torch.empty(0, dtype=dtype).element_size()
+
+
+def stored_delta(U: torch.Tensor, V: torch.Tensor, weight: torch.Tensor, conv1d: bool
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Δ = U Vᵀ in the stored layout and dtype of `weight`, and its factors (P, Q) with Δ_stored = P Qᵀ when they
+    are smaller than Δ (then Δ is expanded by `factor_product`, which a patch can repeat bit for bit; else by a
+    matrix product and the patch stores Δ itself)."""
+    P, Q = (V, U) if conv1d else (U, V)  # Conv1D stores (in, out) = (U Vᵀ)ᵀ = V Uᵀ
+    if low_rank_pays(P.shape[0], Q.shape[0], P.shape[1], weight.dtype):
+        return factor_product(P, Q).to(weight.dtype), (P, Q)
+    return (P @ Q.T).to(weight.dtype), None
 
 
 @dataclass
@@ -122,6 +159,8 @@ class LayerUpdate:
     delta: torch.Tensor
     residual_norm: float  # mean ‖R_l‖ over requests before the update at this layer (the pre-norm change with
     #                       post_norm_residual="preimage")
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, Q) float64, Δ = factor_product(P, Q), when
+    #                                                            a low-rank patch can store them (stored_delta)
 
 
 def insert(
@@ -180,14 +219,15 @@ def insert(
                 m = got[m_site][bare.to(current.device)]
                 norm = model.get_submodule(layout.post_norm(l, "ffn"))
                 R = post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
-            delta = solve_delta(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
+            U, V = solve_factors(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
             W = get_weight(model, name)
             with torch.no_grad():
-                stored = as_linear(delta, layout.spec.conv1d).to(W.dtype).contiguous()
+                stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
                 W.add_(stored)
+            factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
             updates.append(LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(),
-                                       float(R.norm(dim=-1).mean())))
+                                       float(R.norm(dim=-1).mean()), factors))
     realised = read_bare([stream])[stream] - before[stream]
     return updates, StreamCheck.measure(intended, realised)
 

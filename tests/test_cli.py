@@ -127,3 +127,23 @@ def test_edit_apply_revert_round_trip(tmp_path, examples_path, wiki_corpus, smol
     rev_w = load_file(str(reverted / "model.safetensors"))
     base = smol.model.state_dict()
     assert all(torch.equal(rev_w[k], base[k]) for k in rev_w)
+    assert not (reverted / "README.md").exists()  # the base model again: no edited-model card
+
+    # the patch is compact (< 1 MB) and says what it holds without a model; the saved model carries a card
+    assert (out / "patch.safetensors").stat().st_size < 1_000_000
+    proc = run_pmet("show", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "compact" in proc.stdout and proc.stdout.count("factors, rank 2") == 5
+    card = (out / "model" / "README.md").read_text()
+    assert "not the original smollm2-135m" in card and r0["subject"] in card
+
+    # the edited model as a GGUF file, read back by transformers' own GGUF loader: the edited weights exactly
+    proc = run_pmet("export", str(out), "--model", "smollm2-135m", "--gguf", str(tmp_path / "edited.gguf"))
+    assert proc.returncode == 0, proc.stderr
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="edited.gguf").state_dict()
+    assert all(torch.equal(back[k], edited_w[k]) for k in edited_w)
+    edits = gguf.GGUFReader(str(tmp_path / "edited.gguf")).get_field("pmet.edits").contents()
+    assert [e["new"] for e in json.loads(edits)] == [r["target_new"] for r in data["requests"]]

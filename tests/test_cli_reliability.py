@@ -55,7 +55,9 @@ def ws(tmp_path_factory) -> dict[str, Path]:
           "corpus": root / "corpus.txt", "req": root / "req.jsonl", "env": env}
     proc = pmet(*edit_args(ws), "--out", str(root / "patch"), "--save-model", cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr
-    ws["patch"] = root / "patch"
+    proc = pmet(*edit_args(ws), "--out", str(root / "patch-full"), "--full-patch", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    ws["patch"], ws["patch-full"] = root / "patch", root / "patch-full"
     return ws
 
 
@@ -225,16 +227,19 @@ def test_bad_edit_input_is_one_line(ws, cwd, case, needles):
 
 
 def _altered_patch(ws: dict, folder: Path, case: str) -> Path:
-    """The fixture's patch with one thing changed, as a user (or a damaged disk) might."""
-    src = ws["patch"] / "patch.safetensors"
+    """The fixture's patch (compact, or full for the cases that alter stored Δs and originals) with one thing
+    changed, as a user (or a damaged disk) might."""
+    src = ws["patch-full" if case in ("delta-altered", "original-altered") else "patch"] / "patch.safetensors"
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
     tensors = load_file(str(src))
-    name = next(k for k in tensors if k.startswith("delta::")).removeprefix("delta::")
+    name = next(iter(json.loads(meta["weights"])))
     if case == "delta-altered":
         tensors[f"delta::{name}"][0, 0] += 1.0
     elif case == "original-altered":
         tensors[f"original::{name}"][0, 0] += 1.0
+    elif case == "factor-altered":
+        tensors[f"factor_q::{name}"][0, 0] += 1.0
     elif case == "metadata-not-json":
         meta["weights"] = "{not json"
     elif case == "missing-diagnostics":
@@ -244,8 +249,9 @@ def _altered_patch(ws: dict, folder: Path, case: str) -> Path:
         bogus = name.replace("layers.1.", "layers.99.")
         weights[bogus] = weights.pop(name)
         meta["weights"] = json.dumps(weights)
-        for kind in ("delta", "original"):
-            tensors[f"{kind}::{bogus}"] = tensors.pop(f"{kind}::{name}")
+        del meta["patch_id"]  # else the altered record is refused as such before any model is seen
+        for key in [k for k in tensors if k.endswith(f"::{name}")]:
+            tensors[key.replace(name, bogus)] = tensors.pop(key)
     elif case == "foreign-safetensors":
         tensors, meta = {"x": torch.zeros(2)}, {"format": "pt"}
     out = folder / "patch.safetensors"
@@ -259,6 +265,7 @@ def _altered_patch(ws: dict, folder: Path, case: str) -> Path:
 @pytest.mark.parametrize("case, needles", [
     ("delta-altered", ["original + Δ does not give the recorded edited weight"]),
     ("original-altered", ["stored original does not match its recorded SHA-256"]),
+    ("factor-altered", ["applying it gives other bits than the edit wrote"]),
     ("metadata-not-json", ["metadata field 'weights' is not valid JSON"]),
     ("missing-diagnostics", ["metadata field 'diagnostics' is missing"]),
     ("unknown-weight", ["no weight", "layers.99"]),
@@ -373,3 +380,30 @@ def test_ctrl_c_during_stats_leaves_no_cache_entry(ws, tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "2000 tokens" in " ".join(rerun.stdout.split())
+
+
+def test_patch_chain_from_the_command_line(ws, cwd):
+    """`pmet edit --patch-on` makes a second patch on top of the first; apply takes the chain in order, refuses it
+    out of order, and revert undoes the last one from the base model plus --keep."""
+    second = cwd / "second.jsonl"
+    second.write_text(json.dumps({"subject": "Toko Yasuda", "prompt": "{} plays the", "target_new": "violin"}) + "\n")
+    proc = pmet(*edit_args(ws, second), "--patch-on", str(ws["patch"]), "--out", "p2", cwd=cwd, env=ws["env"])
+    assert proc.returncode == 0, proc.stderr
+    shown = pmet("show", "p2", cwd=cwd, env=ws["env"])
+    assert shown.returncode == 0, shown.stderr
+    with safe_open(str(ws["patch"] / "patch.safetensors"), framework="pt") as f:
+        first_id = f.metadata()["patch_id"]
+    assert f"made on: {first_id[:12]}" in shown.stdout
+    refused(ws, cwd, ["apply", "p2", str(ws["patch"]), "--model", str(ws["model"]), "--out", "x"],
+            "not on top of", "apply a chain in the order it was made")
+    refused(ws, cwd, ["apply", "p2", "--model", str(ws["model"]), "--out", "x"], "apply it first")
+    proc = pmet("apply", str(ws["patch"]), "p2", "--model", str(ws["model"]), "--out", "both", cwd=cwd, env=ws["env"])
+    assert proc.returncode == 0, proc.stderr
+    card = (cwd / "both" / "README.md").read_text()
+    assert "Danielle Darrieux" in card and "Toko Yasuda" in card
+    refused(ws, cwd, ["revert", "p2", "--model", "both", "--out", "r"], "pass the patches that stay applied")
+    proc = pmet("revert", "p2", "--keep", str(ws["patch"]), "--model", "both", "--out", "r", cwd=cwd, env=ws["env"])
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(str(cwd / "r" / "model.safetensors"))
+    want = load_file(str(ws["patch"] / "model" / "model.safetensors"))  # the model the first edit saved
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

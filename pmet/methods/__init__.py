@@ -27,6 +27,7 @@ class Method:
     overrides: Mapping[str, Any] = field(default_factory=dict)  # config fields the method fixes
     sequential: bool = False  # one request at a time, each on the model as edited so far (methods/sequential.py)
     revision: int = 1  # bumped when the computation changes: progress saved by an older one is not resumed
+    statistics: bool = True  # reads context templates and C0 (editor.prepare)
 
     def editor(self) -> Callable[..., Any]:
         module, _, function = self.runner.partition(":")
@@ -45,7 +46,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                       "v_lr": 0.5, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625},
            sequential=True, revision=2),
     Method("ft", "FT-W: L∞-constrained fine-tuning of one FFN projection, edits in sequence",
-           "pmet.methods.ft:edit_ft", sequential=True),
+           "pmet.methods.ft:edit_ft", sequential=True, statistics=False),
 )}
 
 

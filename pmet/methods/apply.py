@@ -14,7 +14,7 @@ from ..config import PMETConfig
 from ..errors import ConfigError
 from ..patch import EditResult
 from ..requests import EditRequest
-from . import get_method
+from . import Method, get_method
 from .checkpoint import add_timings
 from .sequential import Matrix, Step, run_sequential, state_targets
 
@@ -29,9 +29,15 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
     FT-W, `sequential_batches`): a file where the sequential edit saves its progress and from which a rerun
     resumes (methods/checkpoint.py)."""
     record = get_method(method)
-    kwargs = dict(c0=c0, context_templates=context_templates, corpus=corpus, cache_dir=cache_dir,
-                  model_name=model_name, progress=progress, fingerprint=fingerprint, target_cache=target_cache,
-                  checkpoint=checkpoint)
+    result = _run(record, model, tok, requests, config, sequential_batches, c0=c0, context_templates=context_templates,
+                  corpus=corpus, cache_dir=cache_dir, model_name=model_name, progress=progress, fingerprint=fingerprint,
+                  target_cache=target_cache, checkpoint=checkpoint)
+    result.method = method
+    return result
+
+
+def _run(record: Method, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+         config: PMETConfig, sequential_batches: int | None, **kwargs) -> EditResult:
     if record.sequential:
         return record.editor()(model, tok, requests, config, **kwargs)
     if not sequential_batches or sequential_batches >= len(requests):  # one batch: no progress to save
