@@ -17,7 +17,7 @@ from typing import Any
 import click
 import typer
 
-from .console import FORCE_HELP, METHOD_HELP, MODEL_HELP, SET_HELP, console, out_console
+from .console import FORCE_HELP, METHOD_HELP, MODEL_HELP, NULL_SPACE_HELP, SET_HELP, console, out_console
 from .console import fail as _fail
 from .console import fail_line as _fail_line
 from .errors import ConfigError, PmetError
@@ -60,6 +60,7 @@ def edit(
     max_target_tokens: int = typer.Option(64, help="Refuse a target_new longer than this many tokens."),
     target_cache: bool = typer.Option(True, help="Reuse target vectors cached by an earlier (or interrupted) run "
                                       "(keyed by model, request, templates and config)."),
+    null_space: bool = typer.Option(False, "--null-space", help=NULL_SPACE_HELP),
     full_patch: bool = typer.Option(False, "--full-patch", help="Store every Δ in full and the original weights "
                                     "in the patch (reverts without the base model; larger)."),
     patch_on: list[Path] = typer.Option([], "--patch-on", help="Apply these patches (in order) first and edit the "
@@ -74,6 +75,7 @@ def edit(
         outputs = _edit_outputs(out, report, save_model, force)
         settings = parse_overrides(set_)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
+                     "null_space": True if null_space else None,
                      "layers": parse_layers(layers)}
         reqs = load_requests(requests, limit=limit, one_batch=True)
         from .edit_report import measure  # torch: imported once the cheap checks passed

@@ -42,7 +42,8 @@ _IGNORED_KEYS = {
     "ln_f_module", "lm_head_module", "mom2_adjustment", "max_length", "batch_size", "fp16", "description",
     "model", "family", "notes", "source", "tuning", "methods",
 }
-_RENAMED_KEYS = {"nll_loss_factor": "nll_factor"}
+_RENAMED_KEYS = {"nll_loss_factor": "nll_factor", "nullspace_threshold": "null_space_threshold",
+                 "L2": "null_space_l2"}
 
 
 @dataclass
@@ -90,6 +91,11 @@ class PMETConfig:
     spread: str = "sqrt"
     residual: str = "value"  # "value" (paper) | "stream" (deviation; module docstring)
     post_norm_residual: str = "as-is"  # "as-is" (MEMIT as published) | "preimage" (deviation; module docstring)
+    # Null-space constrained update (AlphaEdit, Fang et al., ICLR 2025): a beyond-paper option, off by default
+    # (pmet/null_space.py; AlphaEdit's hparams files: nullspace_threshold 2e-2, L2 10)
+    null_space: bool = False  # project each Δ onto the null space of C0's keys and of earlier edits' keys
+    null_space_threshold: float = 2e-2  # eigenvalues of C0 below this span the null space (nullspace_threshold)
+    null_space_l2: float = 10.0  # α of AlphaEdit's regularised solve (its L2)
     # FT-W baseline (ROME's constrained fine-tuning "FT-L"): Adam on one FFN output projection (layers[0])
     ft_num_steps: int = 25  # optimiser steps per edit
     ft_lr: float = 5e-4
@@ -148,7 +154,7 @@ class PMETConfig:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "ft_lr", "ft_norm_constraint",
-                     "ft_num_steps"):
+                     "ft_num_steps", "null_space_threshold", "null_space_l2"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
 
@@ -179,6 +185,7 @@ NON_TARGET_FIELDS = frozenset({
     # the weight update (Eq. 9, 11), which reads the targets once they are found
     "mom2_update_weight", "mom2_dataset", "mom2_n_tokens", "mom2_n_samples",
     "update_modules", "spread", "residual", "post_norm_residual",
+    "null_space", "null_space_threshold", "null_space_l2",
     "ft_num_steps", "ft_lr", "ft_norm_constraint",  # FT-W, which has no targets
 })
 
@@ -350,7 +357,11 @@ def config_for(model_type: str, preset: str | None, config: str | None, method: 
         if method != "pmet":
             raise ConfigError("--ablation applies to --method pmet only")
         extra.update(ABLATIONS[ablation])
-    return load_config(name, method=method, settings=settings, **{**extra, **overrides})
+    cfg = load_config(name, method=method, settings=settings, **{**extra, **overrides})
+    if cfg.null_space and get_method(method).sequential:
+        raise ConfigError(f"null_space (--null-space) applies to PMET and MEMIT (and PMET's ablations), not to "
+                          f"--method {method}")
+    return cfg
 
 
 def parse_layers(layers: str | None, option: str = "--layers") -> list[int] | None:

@@ -13,6 +13,9 @@ METHOD_HELP = ("pmet; memit (one δ on the layer output, even spread, MEMIT's st
                "layer, edits applied in sequence); ft (FT-W: L∞-constrained fine-tuning of one FFN projection).")
 SET_HELP = ("Set one config field after the preset and the other options, VALUE read as YAML (repeatable): "
             "--set mom2_update_weight=5000 --set residual=stream.")
+NULL_SPACE_HELP = ("AlphaEdit's null-space constrained update (Fang et al., ICLR 2025) in place of Eq. 9, for PMET and "
+                   "MEMIT: Δ projected onto the null space of C0's keys and of earlier batches' keys (beyond the "
+                   "paper, off by default; docs/METHOD.md).")
 FORCE_HELP = "Replace outputs that exist (in an --out folder, only the files pmet wrote there)."
 MODEL_HELP = "Embedded alias (smollm2-135m, gemma3-270m), a .gguf file, a local model directory or an HF id."
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -76,6 +76,7 @@ class Prepared:
     fingerprint: str
     stats: dict[str, Any]
     timings: dict[str, float]
+    projectors: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # null_space's P, if on
 
 
 def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, config: PMETConfig, *,
@@ -105,8 +106,14 @@ def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, config: PMETCo
     missing = [(l, c) for l in config.layers for c in config.update_modules if (l, c) not in c0n]
     if missing:
         raise ConfigError(f"C0 missing for (layer, component) {missing}")
+    projectors = {}
+    if config.null_space:  # AlphaEdit's P per C0 (pmet/null_space.py), cached beside C0
+        from .null_space import cached_projector
+
+        projectors = {(l, c): cached_projector(c0n[(l, c)], config.null_space_threshold, cache_dir)
+                      for l in config.layers for c in config.update_modules}
     timings["stats"] = time.perf_counter() - t
-    return Prepared(templates, c0n, fp, stats_info, timings)
+    return Prepared(templates, c0n, fp, stats_info, timings, projectors)
 
 
 def edit(
@@ -124,11 +131,13 @@ def edit(
     fingerprint: str | None = None,
     target_cache: bool = False,
     checkpoint: None = None,
+    earlier_keys: dict[tuple[int, str], torch.Tensor] | None = None,
 ) -> EditResult:
     """Apply all `requests` to `model` as ONE batch edit (in place) and return what was done.
 
     With `target_cache`, target vectors are read from / written to the cache (pmet.target_cache). `checkpoint`
-    must be None: one batch has no progress to save (methods/sequential.py saves consecutive batches)."""
+    must be None: one batch has no progress to save (methods/sequential.py saves consecutive batches).
+    `earlier_keys`: with config.null_space, K_p K_pᵀ of the edits made before on this model (pmet/null_space.py)."""
     if not requests:
         raise ConfigError("no requests to edit")
     layout = layout_of(model)
@@ -150,7 +159,8 @@ def edit(
     t = time.perf_counter()
     try:
         updates, stream_check = insert(model, tok, layout, requests, templates, targets, c0n, config,
-                                       batch_size=max(8, config.v_batch_size))
+                                       batch_size=max(8, config.v_batch_size), projectors=prep.projectors,
+                                       earlier_keys=earlier_keys)
     except BaseException:
         with torch.no_grad():  # never leave a half-edited model behind
             for n, w in originals.items():

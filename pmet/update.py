@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import null_space
 from .arch import ModelLayout, get_weight
 from .config import PMETConfig
 from .context import ContextTemplates, flat
@@ -161,6 +162,7 @@ class LayerUpdate:
     #                       post_norm_residual="preimage")
     factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, Q) float64, Δ = factor_product(P, Q), when
     #                                                            a low-rank patch can store them (stored_delta)
+    key_gram: torch.Tensor | None = None  # K1 K1ᵀ (float64, CPU) with the null-space option: the next batch's K_p
 
 
 def insert(
@@ -174,8 +176,12 @@ def insert(
     cfg: PMETConfig,
     *,
     batch_size: int = 64,
+    projectors: dict[tuple[int, str], torch.Tensor] | None = None,
+    earlier_keys: dict[tuple[int, str], torch.Tensor] | None = None,
 ) -> tuple[list[LayerUpdate], StreamCheck]:
-    """Apply Eq. 9/11 layer by layer to `model` in place; returns the applied updates and the StreamCheck."""
+    """Apply Eq. 9/11 layer by layer to `model` in place; returns the applied updates and the StreamCheck. With
+    cfg.null_space, AlphaEdit's solve (pmet/null_space.py) replaces Eq. 9's, with `projectors` P per (layer,
+    component) and `earlier_keys` K_p K_pᵀ of earlier batches of a sequential run."""
     L = cfg.L
     rows = key_rows(tok, requests, templates)
     n_t = len(flat(templates))
@@ -219,15 +225,20 @@ def insert(
                 m = got[m_site][bare.to(current.device)]
                 norm = model.get_submodule(layout.post_norm(l, "ffn"))
                 R = post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
-            U, V = solve_factors(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
+            if cfg.null_space:
+                U, V = null_space.solve_factors(R.T, K.T, projectors[(l, comp)], (earlier_keys or {}).get((l, comp)),
+                                                cfg.null_space_l2)
+            else:
+                U, V = solve_factors(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
             name = layout.edited_module(l, comp)
             W = get_weight(model, name)
             with torch.no_grad():
                 stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
                 W.add_(stored)
             factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
+            gram = (K.double().T @ K.double()).cpu() if cfg.null_space else None
             updates.append(LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(),
-                                       float(R.norm(dim=-1).mean()), factors))
+                                       float(R.norm(dim=-1).mean()), factors, gram))
     realised = read_bare([stream])[stream] - before[stream]
     return updates, StreamCheck.measure(intended, realised)
 

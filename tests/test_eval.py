@@ -305,10 +305,11 @@ def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeyp
                                                                    "records.jsonl", "summary.json", "summary.md"]
 
 
-@pytest.mark.parametrize("method", ["rome", "ft", "pmet-batches"])
+@pytest.mark.parametrize("method", ["rome", "ft", "pmet-batches", "pmet-null-space-batches"])
 def test_interrupted_sequential_edit_resumes_exactly(tmp_path, monkeypatch, method):
-    """A ROME/FT-W run (or PMET in sequential batches of 1) killed after 2 of 3 edits, rerun with the same
-    checkpoint, ends with the uninterrupted run's Δ, targets and diagnostics, bit for bit, redoing only the third."""
+    """A ROME/FT-W run (or PMET in sequential batches of 1, also with the null-space option, whose later batches
+    read the earlier batches' keys) killed after 2 of 3 edits, rerun with the same checkpoint, ends with the
+    uninterrupted run's Δ, targets and diagnostics, bit for bit, redoing only the third."""
     from pmet import editor as editor_mod
     from pmet.methods import checkpoint as C
     from pmet.methods import ft as ft_mod
@@ -316,15 +317,19 @@ def test_interrupted_sequential_edit_resumes_exactly(tmp_path, monkeypatch, meth
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    layers = [1, 2] if method == "pmet-batches" else [1]
+    batches = method.endswith("-batches")
+    layers = [1, 2] if batches else [1]
     cfg = {"rome": cfg_for(layers=[1], attn_delta=False, stop_rule="loss"), "pmet-batches": cfg_for(),
+           "pmet-null-space-batches": cfg_for(null_space=True, null_space_l2=0.5),
            "ft": PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3)}[method]
-    name = method.removesuffix("-batches")
-    kw = dict(c0=identity_c0(model, layers), context_templates=TEMPLATES, progress=False,
-              sequential_batches=1 if method == "pmet-batches" else None)
+    name = method.removesuffix("-batches").removesuffix("-null-space")
+    c0 = identity_c0(model, layers)
+    if cfg.null_space:  # every eigenvalue below the threshold: P = I, and the earlier keys decide the update
+        c0 = {k: v * 1e-3 for k, v in c0.items()}
+    kw = dict(c0=c0, context_templates=TEMPLATES, progress=False, sequential_batches=1 if batches else None)
     # count the work: target optimisations (ROME, PMET), FT-W's forward passes
     mod, fn = {"rome": (rome_mod, "compute_targets"), "ft": (ft_mod, "_target_nll"),
-               "pmet-batches": (editor_mod, "compute_targets")}[method]
+               "pmet": (editor_mod, "compute_targets")}[name]
     real_work, work = getattr(mod, fn), []
     monkeypatch.setattr(mod, fn, lambda *a, **k: work.append(1) or real_work(*a, **k))
     ref = apply_method(name, model, tok, REQUESTS, cfg, **kw)

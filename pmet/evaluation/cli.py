@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..console import METHOD_HELP, MODEL_HELP, SET_HELP, console, fail, out_console
+from ..console import METHOD_HELP, MODEL_HELP, NULL_SPACE_HELP, SET_HELP, console, fail, out_console
 from ..errors import ConfigError, PmetError
 
 DATA_HELP = ("Dataset JSON: full-format or EasyEdit CounterFact; MEND or KnowEdit zsRE (e.g. "
@@ -60,6 +60,7 @@ def eval_command(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
+    null_space: bool = typer.Option(False, "--null-space", help=NULL_SPACE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
@@ -78,6 +79,7 @@ def eval_command(
         outputs.folder(out, "--out", ("records.jsonl", "summary.json", "summary.md", "metrics.png", "margins.png"))
         settings = parse_overrides(set_)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
+                     "null_space": True if null_space else None,
                      "layers": parse_layers(layers)}
         from ..models import load_model  # torch: imported once the cheap checks passed
         from .data import load_eval_records
@@ -94,7 +96,7 @@ def eval_command(
                            drift_text=str(drift_text) if drift_text else None,
                            tfidf_dir=str(tfidf_dir) if tfidf_dir else None,
                            attribute_snippets=str(attribute_snippets) if attribute_snippets else None)
-        name = label or (f"{method}+{ablation}" if ablation else method)
+        name = label or (f"{method}+{ablation}" if ablation else method) + ("+null-space" if null_space else "")
         summary = run_eval(lm, records, method, cfg, out, label=name,
                            opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
                            cache_dir=cache_dir, corpus=corpus, progress=not quiet,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..arch import layout_of
@@ -61,14 +62,20 @@ def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requ
     matrices = [Matrix(f"{layout.edited_module(l, c)}.weight", l, c)
                 for l in config.layers for c in config.update_modules]
 
+    grams: dict[str, torch.Tensor] = {}  # null_space: K_p K_pᵀ of the batches so far, per matrix
+
     def step(chunk: list[EditRequest], i: int) -> Step:
+        earlier = {(m.layer, m.component): grams[m.weight] for m in matrices if m.weight in grams}
         res = edit(model, tok, chunk, config, **{**kwargs, "c0": prep.c0, "context_templates": prep.templates,
-                                                 "fingerprint": prep.fingerprint if i == 0 else None})
+                                                 "fingerprint": prep.fingerprint if i == 0 else None,
+                                                 "earlier_keys": earlier or None})
+        new = {u.weight: u.key_gram for u in res.updates if u.key_gram is not None}
+        grams.update({n: grams[n] + g if n in grams else g for n, g in new.items()})
         return Step(res.targets.diagnostics, res.targets.ffn, res.targets.attn,
-                    {u.weight: u.residual_norm for u in res.updates}, res.timings)
+                    {u.weight: u.residual_norm for u in res.updates}, res.timings, new)
 
     state, updates, originals = run_sequential(model, requests, matrices, step, size=size, checkpoint=checkpoint,
-                                               progress=False)
+                                               progress=False, resumed=lambda s: grams.update(s.key_grams))
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=state_targets(state),
         context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=kwargs["model_name"],

@@ -2,10 +2,11 @@
 interrupted run resumes where it stopped.
 
 One safetensors file holds the edited matrices as they are after the first `done` edits, the target values found
-so far, and (as JSON metadata) their diagnostics, residual norms, the time spent so far, which matrices are
-edited and a digest of the requests edited. Each edit (or batch) depends only on the model as edited so far and
-on its requests, so resuming from the saved matrices continues exactly as the uninterrupted run would have
-(tests/test_eval.py checks bit-equality). Written atomically, at most every SAVE_EVERY_S seconds and after the
+so far, the key Gram matrices of the null-space option (if on), and (as JSON metadata) their diagnostics,
+residual norms, the time spent so far, which matrices are edited and a digest of the requests edited. Each edit
+(or batch) depends only on the model as edited so far and on its requests, so resuming from the saved matrices
+continues exactly as the uninterrupted run would have (tests/test_eval.py checks bit-equality). Written
+atomically, at most every SAVE_EVERY_S seconds and after the
 last edit; nothing is unpickled.
 """
 
@@ -50,6 +51,8 @@ class SequentialState:
     attn_values: list[torch.Tensor] = field(default_factory=list)  # PMET's a0 + δa per step (if any)
     residual_norms: dict[str, list[float]] = field(default_factory=dict)  # per edited matrix, one per step
     timings: dict[str, float] = field(default_factory=dict)  # summed over steps
+    key_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # per matrix: Σ K Kᵀ of the edits so far
+    #                                                                    (null_space's K_p K_pᵀ), float64
 
     def add(self, step: Step, n: int) -> None:
         """Record one step that edited `n` more requests."""
@@ -60,6 +63,8 @@ class SequentialState:
                 rows.append(new)
         for name, norm in step.residual_norms.items():
             self.residual_norms.setdefault(name, []).append(norm)
+        for name, gram in step.key_grams.items():
+            self.key_grams[name] = self.key_grams[name] + gram if name in self.key_grams else gram
         self.timings = add_timings(self.timings, step.timings)
 
 
@@ -109,6 +114,7 @@ class SequentialCheckpoint:
         for key, rows in (("values", state.values), ("attn_values", state.attn_values)):
             if key in tensors:  # the rows so far as one part (they are only ever concatenated)
                 rows.append(tensors[key].to(device))
+        state.key_grams = {k.removeprefix("gram/"): v for k, v in tensors.items() if k.startswith("gram/")}
         with torch.no_grad():
             for name, W in current.items():
                 W.copy_(saved[name].to(W.device, W.dtype))
@@ -127,6 +133,7 @@ class SequentialCheckpoint:
         for key, rows in (("values", state.values), ("attn_values", state.attn_values)):
             if rows:
                 tensors[key] = torch.cat(rows).float().cpu().contiguous()
+        tensors.update({f"gram/{n}": g.cpu().contiguous() for n, g in state.key_grams.items()})
         atomic_write(self.path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
         self._saved_at = time.monotonic()
 

@@ -32,6 +32,8 @@ class Step:
     attn_values: torch.Tensor | None = None  # PMET's a0 + δa (if any)
     residual_norms: dict[str, float] = field(default_factory=dict)  # per edited matrix: mean ‖R‖ of this step
     timings: dict[str, float] = field(default_factory=dict)
+    key_grams: dict[str, torch.Tensor] = field(default_factory=dict)  # per edited matrix: K Kᵀ of this step's
+    #                                                                    keys (the null-space option only)
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Matrix:
 
 def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices: list[Matrix],
                    step: Callable[[list[EditRequest], int], Step], *, size: int = 1,
-                   checkpoint: str | os.PathLike | None = None, progress: bool = True, desc: str = "edit"
+                   checkpoint: str | os.PathLike | None = None, progress: bool = True, desc: str = "edit",
+                   resumed: Callable[[SequentialState], None] | None = None,
                    ) -> tuple[SequentialState, list[LayerUpdate], dict[str, torch.Tensor]]:
     """Call `step(requests[i:i+size], i)` for consecutive chunks, resuming after the chunks saved in `checkpoint`
     (a file; saved at most every checkpoint.SAVE_EVERY_S seconds and after the last chunk). Returns the state,
@@ -54,6 +57,8 @@ def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices
     originals = {n: weight_named(model, n).detach().cpu().clone() for n in names}  # before resume: W_0 of this model
     saver = SequentialCheckpoint(checkpoint, requests)
     state = saver.resume(model)
+    if resumed is not None:
+        resumed(state)  # the caller's own running state (e.g. the null-space key Gram matrices) from the save
     from tqdm.auto import tqdm
 
     with tqdm(desc=desc, unit="edit", disable=not progress, initial=state.done, total=len(requests)) as bar:
