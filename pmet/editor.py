@@ -112,6 +112,12 @@ def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, config: PMETCo
 
         projectors = {(l, c): cached_projector(c0n[(l, c)], config.null_space_threshold, cache_dir)
                       for l in config.layers for c in config.update_modules}
+        dims = {f"{l}/{c}": round(float(P.trace())) for (l, c), P in projectors.items()}
+        if not all(dims.values()):
+            raise ConfigError(f"config field 'null_space_threshold': {config.null_space_threshold} is below every "
+                              f"eigenvalue of C0 at (layer/component) {[k for k, v in dims.items() if not v]}: the "
+                              "null space is empty and the update would be zero")
+        stats_info = {**stats_info, "null_space_dims": dims}
     timings["stats"] = time.perf_counter() - t
     return Prepared(templates, c0n, fp, stats_info, timings, projectors)
 

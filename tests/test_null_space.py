@@ -79,3 +79,12 @@ def test_null_space_is_refused_for_sequential_methods():
         with pytest.raises(ConfigError, match="applies to PMET and MEMIT"):
             config_for("llama", "smollm2-135m", None, method, None, {"null_space": True})
     assert config_for("llama", "smollm2-135m", None, "memit", None, {"null_space": True}).null_space
+
+
+def test_an_empty_null_space_is_refused_not_a_silent_no_op():
+    from .test_engine import identity_c0
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(ConfigError, match="null space is empty"):  # every eigenvalue of C0 is 1 > 2e-2
+        edit(model, tok, REQUESTS, cfg_for(null_space=True), c0=identity_c0(model, [1, 2]),
+             context_templates=TEMPLATES, progress=False)
