@@ -8,8 +8,9 @@ the edit.
 sizes: a real PMET edit of the first N records of the CounterFact subset with the SmolLM2 preset, except one Adam
 step per target (a patch's size does not depend on the targets' values), C0 from WikiText-2 validation text.
 export: the patch exported as f32, f16 and source (re-quantised to the base file's own type, Q4_1), each read back
-by transformers' GGUF loader: the realised Δ against the patch's Δ (relative error), and per prompt kind how many
-greedy answers state target_new (rewrite, paraphrase) or leave the base model's top-1 as it was (neighbourhood).
+by transformers' GGUF loader: each edited weight against the one pmet's edit made (relative to that edit's Δ),
+and per prompt kind how many greedy answers state target_new (rewrite, paraphrase) or leave the base model's
+top-1 as it was (neighbourhood).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def sizes(edits: list[int]) -> None:
                 secs[kind] = time.perf_counter() - t
                 res.revert(lm.model)
             mb = {k: p.stat().st_size / 2**20 for k, p in paths.items()}
-        print(f"| {len(reqs)} | {mb['compact']:.2f} MB | {mb['full']:.2f} MB | {mb['full'] / mb['compact']:.1f}x "
+        print(f"| {len(reqs)} | {mb['compact']:.2f} MiB | {mb['full']:.2f} MiB | {mb['full'] / mb['compact']:.1f}x "
               f"| {secs['compact']:.2f} s | {secs['full']:.2f} s |", flush=True)
 
 
@@ -80,22 +81,23 @@ def export(patch: Path) -> None:
     base_w = {n: w.detach().clone() for n, w in lm.model.state_dict().items()}
     apply_chain(lm.model, [(str(patch), p)])
     edited = {n: dict(lm.model.named_parameters())[n].detach().clone() for n in p.deltas}
-    rows = [("edited model (pmet)", measure(lm.model, lm.tok, p.requests), 0.0, float("nan"))]
+    rows = [("edited model (pmet)", measure(lm.model, lm.tok, p.requests), 0.0, None)]
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("f32", "f16", "source"):
             out = Path(tmp) / f"{kind}.gguf"
             write_gguf(gguf_file("smollm2-135m"), str(out), edited, kind, card_metadata([p], "smollm2-135m"))
             m = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=out.name, dtype=torch.float32).eval()
             sd = m.state_dict()
-            err = max(float((sd[n] - base_w[n] - d).norm() / d.norm()) for n, d in p.deltas.items())
+            err = max(float((sd[n] - edited[n]).norm() / (edited[n] - base_w[n]).norm()) for n in p.deltas)
             rows.append((f"GGUF, edited tensors {kind}", measure(m, lm.tok, p.requests), err,
                          out.stat().st_size / 2**20))
-    print("| model | max ‖Δ_realised − Δ‖/‖Δ‖ | rewrites stating target_new | paraphrases | neighbourhood top-1 kept "
+    print("| model | max ‖W − W_pmet‖/‖Δ‖ | rewrites stating target_new | paraphrases | neighbourhood top-1 kept "
           "| file |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r, err, mb in rows:
         a, n, b, m_, c, k = _counts(r, base)
-        print(f"| {name} | {err:.3g} | {a}/{n} | {b}/{m_} | {c}/{k} | {mb:.1f} MB |")
+        size = "—" if mb is None else f"{mb:.1f} MiB"
+        print(f"| {name} | {err:.3g} | {a}/{n} | {b}/{m_} | {c}/{k} | {size} |")
 
 
 def main() -> None:

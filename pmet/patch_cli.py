@@ -13,6 +13,10 @@ from .errors import ConfigError, PmetError
 from .fileio import Outputs
 
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")
+DTYPE_OPTION = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16.")
+DEVICE_OPTION = typer.Option("cpu", help="cpu, cuda, cuda:N or auto.")
+CACHE_OPTION = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet).")
+FORCE_OPTION = typer.Option(False, "--force", help=FORCE_HELP)
 
 
 def load_chain(paths: list[Path]) -> list[tuple[str, Any]]:
@@ -40,10 +44,10 @@ def apply_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="Save the patched model (save_pretrained format + README.md "
                              "model card) here."),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
-    cache_dir: Path | None = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    cache_dir: Path | None = CACHE_OPTION,
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Apply saved patches, in order, to the base model they were made on, and save the edited model."""
     try:
@@ -71,10 +75,10 @@ def revert_command(
                                     "weights (default: the model the first patch of the chain was made on)."),
     keep: list[Path] = typer.Option([], "--keep", help="Patches below these in their chain that stay applied, in "
                                     "order (repeatable): compact patches rebuild their originals from them."),
-    dtype: str = typer.Option("float32"),
-    device: str = typer.Option("cpu"),
-    cache_dir: Path | None = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dtype: str = DTYPE_OPTION,
+    device: str = DEVICE_OPTION,
+    cache_dir: Path | None = CACHE_OPTION,
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Restore the weights an edited model had before its last patches, bit-exactly."""
     try:
@@ -120,8 +124,8 @@ def export_command(
     tensor_type: str = typer.Option("f32", help="Type of the edited tensors: f32 (the exact edited weights), f16 "
                                     "(rounded), or source (re-quantised to the base tensor's type: may erase the "
                                     "edit, docs/PATCHES.md)."),
-    cache_dir: Path | None = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    cache_dir: Path | None = CACHE_OPTION,
+    force: bool = FORCE_OPTION,
 ) -> None:
     """Write the edited model as a GGUF file (llama.cpp, ollama): the base GGUF with the edited tensors replaced
     and the model card in its metadata; every other tensor keeps its quantisation."""
