@@ -112,7 +112,7 @@ def show_command(patch: Path = typer.Argument(..., help="patch.safetensors, or t
     from .patch_info import describe
 
     try:
-        out_console.print(describe(patch), highlight=False, markup=False)
+        out_console.print(describe(patch), highlight=False, markup=False, soft_wrap=True)
     except PmetError as e:
         _fail(str(e))
 
