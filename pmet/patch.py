@@ -339,9 +339,9 @@ def revert_patch(model: PreTrainedModel, patch: EditResult, originals: dict[str,
     originals = originals if originals is not None else patch.originals
     if not originals:
         patch.revert(model)  # raises: a compact patch needs its originals from the base model
-    edited = patch.edited_sha()
+    edited, original = patch.edited_sha(), patch.originals_sha()
     for name, sha in edited.items():
-        if tensor_sha256(get_weight_by_name(model, name)) not in (sha, patch.originals_sha()[name]):
+        if tensor_sha256(get_weight_by_name(model, name)) not in (sha, original[name]):
             raise PatchError(f"{source}: weight '{name}' is neither as this patch left it nor as it found it: revert "
                              "the patches applied after it first (last applied first), or this model is not one it "
                              "edited")
