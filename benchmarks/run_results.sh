@@ -4,7 +4,8 @@
 # OUT = a folder for the run outputs (records.jsonl, summary.json, ...). Groups: smollm2 shared-ablations
 # stream-tuned zsre zsre-preset trace no-attn-delta gemma gemma-preimage (default: these, in that order; the shared
 # ablations, and our stream-residual deviation, reuse PMET's cached targets), and wild (the portability file: give
-# it its own OUT, its runs have the same model, dataset and size as the smollm2 group's). Each run evaluates the
+# it its own OUT, its runs have the same model, dataset and size as the smollm2 group's), and sequential (lifelong
+# editing curves; its own OUT too, SEQ_BATCH and CURVE_SAMPLE from the environment). Each run evaluates the
 # unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
@@ -57,6 +58,13 @@ for g in $GROUPS_; do
       for m in pmet memit rome; do
         run "smollm2-port$N-$m" --model smollm2-135m --method $m --data "$PORT" --protocol wild --no-generation \
           --drift-text "$DATA/wikitext/wikitext-2-raw/wiki.test.raw"; done ;;
+    sequential)  # lifelong editing: the N edits in sequential batches of SEQ_BATCH (default 100), a curve point
+      # after every batch (specificity on CURVE_SAMPLE records' neighbourhoods, default 100), with and without the
+      # null-space projection (MEMIT + null space = AlphaEdit's update)
+      for m in pmet memit; do for ns in "" --null-space; do
+        run "smollm2-seq$N-$m${ns:++null-space}" --model smollm2-135m --method $m --data "$CF" \
+          --sequential-batches "${SEQ_BATCH:-100}" --curve-every 1 --curve-sample "${CURVE_SAMPLE:-100}" $ns \
+          --drift-text "$DATA/wikitext/wikitext-2-raw/wiki.test.raw"; done; done ;;
     *) echo "unknown group $g" >&2; exit 2 ;;
   esac
 done

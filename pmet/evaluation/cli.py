@@ -22,6 +22,9 @@ CHECKPOINT_HELP = ("ROME, FT-W, --sequential-batches: save the edit's progress e
                    "rerunning an interrupted run resumes it.")
 DRIFT_HELP = ("Perplexity drift and top-1 agreement with the unedited model on 4,096 tokens of held-out text "
               "(WikiText-2's test split under $PMET_DATA_DIR, default ../shared/data).")
+CURVE_HELP = ("With --sequential-batches (or ROME/FT-W): measure efficacy, generalization, specificity and perplexity "
+              "every M steps of the edit and write curve.json/curve.png (docs/EVALUATION.md).")
+CURVE_SAMPLE_HELP = "--curve-every: records whose neighbourhood prompts measure specificity at every point."
 FORCE_HELP = "Replace the outputs of an earlier run in --out (only the files pmet wrote there)."
 
 
@@ -35,6 +38,8 @@ def eval_command(
     ablation: str | None = typer.Option(None, help=ABLATION_HELP),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),
     sequential_batches: int | None = typer.Option(None, help="Apply the N edits as consecutive batches of K."),
+    curve_every: int | None = typer.Option(None, min=1, metavar="M", help=CURVE_HELP),
+    curve_sample: int = typer.Option(100, min=1, help=CURVE_SAMPLE_HELP),
     out: Path = typer.Option(..., "--out", help="Output folder (records.jsonl, summary.json/.md, PNGs)."),
     label: str | None = typer.Option(None, help="Name of the method in tables (default: method[+ablation])."),
     zsre_target: str = typer.Option("answers", help=ZSRE_TARGET_HELP),
@@ -76,7 +81,8 @@ def eval_command(
         if protocol not in ("teacher-forced", "wild"):
             raise ConfigError("--protocol must be 'teacher-forced' or 'wild'")
         outputs = Outputs("pmet eval", force)
-        outputs.folder(out, "--out", ("records.jsonl", "summary.json", "summary.md", "metrics.png", "margins.png"))
+        outputs.folder(out, "--out", ("records.jsonl", "summary.json", "summary.md", "metrics.png", "margins.png",
+                                      *(("curve.json", "curve.png") if curve_every else ())))
         settings = parse_overrides(set_)
         overrides = {"mom2_n_tokens": stats_tokens, "seed": seed, "v_compute_dtype": v_dtype,
                      "null_space": True if null_space else None,
@@ -87,6 +93,7 @@ def eval_command(
         from .run import run_eval
 
         records = load_eval_records(data, dataset, n=edits, slice_=slice_, zsre_target=zsre_target)
+        curve = _curve_spec(curve_every, curve_sample, method, sequential_batches, len(records))
         with console.status(f"loading {model}"):
             lm = load_model(model, dtype=dtype, device=device, cache_dir=cache_dir)
         cfg = config_for(lm.model.config.model_type, lm.preset, config, method, ablation, overrides, settings)
@@ -101,11 +108,24 @@ def eval_command(
                            opts=opts, sequential_batches=sequential_batches, target_cache=target_cache,
                            cache_dir=cache_dir, corpus=corpus, progress=not quiet,
                            extra={"data": str(data), "slice": slice_, "ablation": ablation, "settings": settings},
-                           checkpoint=checkpoint, outputs=outputs)
+                           checkpoint=checkpoint, outputs=outputs, curve=curve)
     except PmetError as e:
         fail(str(e))
         return
     _print_summary(summary, out)
+
+
+def _curve_spec(every: int | None, sample: int, method: str, sequential_batches: int | None, n: int):
+    """The curve to measure (None without --curve-every); a clear error when the edit is not sequential."""
+    if every is None:
+        return None
+    from ..methods import get_method
+    from .curve import CurveSpec
+
+    if not get_method(method).sequential and not (sequential_batches and sequential_batches < n):
+        raise ConfigError(f"--curve-every needs a sequential edit: --sequential-batches K with K < the {n} edits "
+                          "(or the rome/ft methods, which edit one request at a time)")
+    return CurveSpec(every=every, sample=sample)
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -115,4 +135,5 @@ def _print_summary(summary: dict, out: Path) -> None:
     out_console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings"].items()))
     if summary.get("resumed_edits"):
         out_console.print(f"resumed an interrupted run after {summary['resumed_edits']} of {summary['n']} edits")
-    out_console.print(f"written to {out}/ (records.jsonl, summary.json, summary.md, metrics.png, margins.png)")
+    curve = ", curve.json, curve.png" if summary.get("curve_points") else ""
+    out_console.print(f"written to {out}/ (records.jsonl, summary.json, summary.md, metrics.png, margins.png{curve})")

@@ -102,3 +102,35 @@ def plot_margins(records: list, before: list[dict], after: list[dict], label: st
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_curves(curves: list[dict[str, Any]], path: str) -> None:
+    """Efficacy, generalization, specificity (%, 95% CI bands) and perplexity against the number of edits, one
+    line per curve (curve.py's curve.json); panels without data in any curve are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("efficacy", "generalization", "specificity", "perplexity")
+              if any(k in p["metrics"] for c in curves for p in c["points"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        scale = 1.0 if key in UNSCALED else 100.0
+        for c in curves:
+            pts = [(p["edits"], p["metrics"][key]) for p in c["points"] if key in p["metrics"]]
+            x = [e for e, _ in pts]
+            y = [scale * m["mean"] for _, m in pts]
+            ax.plot(x, y, marker="o", markersize=3, label=c["method"])
+            ci = [scale * (m.get("ci95") or 0.0) for _, m in pts]
+            ax.fill_between(x, [a - b for a, b in zip(y, ci, strict=True)], [a + b for a, b in zip(y, ci, strict=True)],
+                            alpha=0.15)
+        ax.set_title(key)
+        ax.set_xlabel("edits")
+        ax.set_ylabel("perplexity" if key == "perplexity" else "% (mean ± 95% CI)")
+    axes[0][0].legend(fontsize=8)
+    first = curves[0]
+    fig.suptitle(f"{first['model']} — {first['dataset']}, sequential batches of {first['step_size']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

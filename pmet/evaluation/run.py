@@ -8,6 +8,7 @@ Outputs in `out_dir` (each written atomically, and only after everything succeed
                     fractions in 0–1 except fluency (100 × entropy in bits, as ROME reports it)
     summary.md      the Markdown table (unedited model first)
     metrics.png, margins.png   plots (report.py)
+    curve.json, curve.png      with a curve (curve.py): metrics measured during a sequential edit vs edits so far
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from ..methods import get_method
 from ..methods.apply import apply_method
 from ..methods.checkpoint import requests_digest, saved_edits
 from ..sampling import SCHEME
+from .curve import Curve, CurveSpec
 from .data import EvalRecord
 from .drift import default_text, drift_metrics, language_stats, text_chunks
 from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
-from .report import markdown_table, plot_margins, plot_metrics
+from .report import markdown_table, plot_curves, plot_margins, plot_metrics
 from .wild import SCHEME as WILD_SCHEME
 
 
@@ -120,12 +122,13 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
              c0: dict | None = None, context_templates: list[list[str]] | None = None,
              progress: bool = True, extra: dict[str, Any] | None = None, checkpoint: bool = True,
-             outputs: Outputs | None = None) -> dict[str, Any]:
+             outputs: Outputs | None = None, curve: CurveSpec | None = None) -> dict[str, Any]:
     """Evaluate, edit all `records` with `method`, evaluate again, write the outputs; returns the summary. The
     model is reverted to its original weights (bit-exact) before returning. With `checkpoint`, ROME, FT-W and
     sequential batches save their progress in the cache until the outputs are written, and a rerun of the same
     run resumes from it. `outputs` (the CLI's, with `out_dir` declared) applies the output rules of fileio; by
-    default the outputs of an earlier run in `out_dir` are replaced, and other files there are kept."""
+    default the outputs of an earlier run in `out_dir` are replaced, and other files there are kept. `curve`:
+    measure the metrics during the edit too (curve.py)."""
     opts = opts or EvalOptions()
     out = Path(out_dir)
     if outputs is None:
@@ -148,12 +151,19 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
     progress_file = _progress_file(fp, method, config, records, sequential_batches, context_templates, c0, corpus,
                                    cache_dir) if checkpoint and sequential else None
     resumed = saved_edits(progress_file) if progress_file else 0  # 0 when there is no file
+    points = None
+    if curve is not None:
+        step = 1 if get_method(method).sequential else min(sequential_batches or len(records), len(records))
+        points = Curve(lm, records, opts, curve, step, before, chunks, drift[0] if drift else None,
+                       progress_file.with_suffix(".curve.json") if progress_file else None, resumed)
     t = time.perf_counter()
     result = apply_method(method, lm.model, lm.tok, [r.request for r in records], config,
                           sequential_batches=sequential_batches, c0=c0, context_templates=context_templates,
                           corpus=corpus, cache_dir=cache_dir, model_name=lm.name, progress=progress,
-                          fingerprint=fp, target_cache=target_cache, checkpoint=progress_file)
-    timings["edit_total"] = time.perf_counter() - t
+                          fingerprint=fp, target_cache=target_cache, checkpoint=progress_file, after_step=points)
+    timings["edit_total"] = time.perf_counter() - t - (points.seconds if points else 0.0)
+    if points is not None:
+        timings["curve"] = points.seconds
     timings.update({f"edit_{k}": v for k, v in result.timings.items()})
     try:
         t = time.perf_counter()
@@ -176,7 +186,7 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         "delta_norms": result.delta_norms(), "target_stops": stops, "target_diagnostics": _diagnostics(result),
         "stream_check": result.stream_check,
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
-        "resumed_edits": resumed, **(extra or {}),
+        "resumed_edits": resumed, "curve_points": len(points.points) if points else None, **(extra or {}),
     }
 
     def write_run(folder: Path) -> None:
@@ -188,8 +198,12 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         (folder / "summary.md").write_text(markdown_table([summary]) + "\n", encoding="utf-8")
         plot_metrics(summary, str(folder / "metrics.png"))
         plot_margins(records, before, after, summary["method"], str(folder / "margins.png"))
+        if points is not None:
+            (folder / "curve.json").write_text(json.dumps(points.to_dict(summary), indent=1), encoding="utf-8")
+            plot_curves([points.to_dict(summary)], str(folder / "curve.png"))
 
     outputs.write({out: write_run})
     if progress_file is not None:
         progress_file.unlink(missing_ok=True)
+        progress_file.with_suffix(".curve.json").unlink(missing_ok=True)
     return summary

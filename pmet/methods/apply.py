@@ -6,6 +6,7 @@ batches of K on the same model); ROME and FT-W apply them one at a time by const
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,14 +26,16 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
                  context_templates: list[list[str]] | None = None, corpus: str | None = None,
                  cache_dir: str | os.PathLike | None = None, model_name: str = "", progress: bool = True,
                  fingerprint: str | None = None, target_cache: bool = False,
-                 checkpoint: str | os.PathLike | None = None) -> EditResult:
+                 checkpoint: str | os.PathLike | None = None,
+                 after_step: Callable[[int], None] | None = None) -> EditResult:
     """Edit `model` in place with `method`; see the module docstring for the batch semantics. `checkpoint` (ROME,
     FT-W, `sequential_batches`): a file where the sequential edit saves its progress and from which a rerun
-    resumes (methods/checkpoint.py)."""
+    resumes (methods/checkpoint.py). `after_step(done)` is called after each sequential step (one batch, or one
+    request of ROME/FT-W) with the number of requests edited so far; after the one batch otherwise."""
     record = get_method(method)
     result = _run(record, model, tok, requests, config, sequential_batches, c0=c0, context_templates=context_templates,
                   corpus=corpus, cache_dir=cache_dir, model_name=model_name, progress=progress, fingerprint=fingerprint,
-                  target_cache=target_cache, checkpoint=checkpoint)
+                  target_cache=target_cache, checkpoint=checkpoint, after_step=after_step)
     result.method = method
     return result
 
@@ -42,14 +45,19 @@ def _run(record: Method, model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
     if record.sequential:
         return record.editor()(model, tok, requests, config, **kwargs)
     if not sequential_batches or sequential_batches >= len(requests):  # one batch: no progress to save
-        return record.editor()(model, tok, requests, config, **{**kwargs, "checkpoint": None})
+        after_step = kwargs.pop("after_step")
+        result = record.editor()(model, tok, requests, config, **{**kwargs, "checkpoint": None})
+        if after_step is not None:
+            after_step(len(requests))
+        return result
     if sequential_batches < 1:
         raise ConfigError("--sequential-batches must be a positive number of edits per batch")
     return _in_batches(record.editor(), model, tok, requests, config, sequential_batches, **kwargs)
 
 
 def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
-                config: PMETConfig, size: int, *, checkpoint: str | os.PathLike | None, **kwargs) -> EditResult:
+                config: PMETConfig, size: int, *, checkpoint: str | os.PathLike | None,
+                after_step: Callable[[int], None] | None, **kwargs) -> EditResult:
     """Consecutive batches of `size` on the same model. Context templates and C0 come from the unedited model and
     are reused (MEMIT/AlphaEdit sequential protocol); targets and keys are computed on the model as edited so
     far (its fingerprint, which keys the target cache, is recomputed after the first batch)."""
@@ -75,7 +83,8 @@ def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requ
                     {u.weight: u.residual_norm for u in res.updates}, res.timings, new)
 
     state, updates, originals = run_sequential(model, requests, matrices, step, size=size, checkpoint=checkpoint,
-                                               progress=False, resumed=lambda s: grams.update(s.key_grams))
+                                               progress=False, resumed=lambda s: grams.update(s.key_grams),
+                                               after_step=after_step)
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=state_targets(state),
         context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=kwargs["model_name"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -63,10 +64,11 @@ def _fine_tune(model: PreTrainedModel, tok: PreTrainedTokenizerBase, W: torch.nn
 
 def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest], config: PMETConfig,
             *, model_name: str = "", progress: bool = True, fingerprint: str | None = None,
-            checkpoint: str | os.PathLike | None = None, **_: object) -> EditResult:
+            checkpoint: str | os.PathLike | None = None, after_step: Callable[[int], None] | None = None,
+            **_: object) -> EditResult:
     """Fine-tune for `requests` one after another (in place); returns the summed change as one EditResult (no
     target values: `targets.ffn` is None). With `checkpoint` (a file), progress is saved there every minute and a
-    rerun resumes from it (checkpoint.py)."""
+    rerun resumes from it (checkpoint.py); `after_step(done)` runs after each edit (sequential.py)."""
     layout = layout_of(model)
     l = single_layer(config, "ft")
     fp = fingerprint or model_fingerprint(model)
@@ -84,7 +86,8 @@ def edit_ft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list
     try:
         W.requires_grad_(True)
         state, updates, originals = run_sequential(model, requests, [Matrix(f"{name}.weight", l)], step,
-                                                   checkpoint=checkpoint, progress=progress, desc="ft-w")
+                                                   checkpoint=checkpoint, progress=progress, desc="ft-w",
+                                                   after_step=after_step)
     finally:
         W.requires_grad_(False)
         for n, p in model.named_parameters():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,10 +57,12 @@ def edit_rome(
     progress: bool = True,
     fingerprint: str | None = None,
     checkpoint: str | os.PathLike | None = None,
+    after_step: Callable[[int], None] | None = None,
     **_: object,
 ) -> EditResult:
     """Apply `requests` one after another with ROME (in place); returns the summed change as one EditResult.
-    With `checkpoint` (a file), progress is saved there every minute and a rerun resumes from it (checkpoint.py)."""
+    With `checkpoint` (a file), progress is saved there every minute and a rerun resumes from it (checkpoint.py);
+    `after_step(done)` runs after each edit (sequential.py)."""
     layout = layout_of(model)
     l = single_layer(config, "rome")
     prep = prepare(model, tok, config, c0=c0, context_templates=context_templates, corpus=corpus,
@@ -84,7 +87,8 @@ def edit_rome(
                     timings={"targets": t_targets, "update": time.perf_counter() - t})
 
     state, updates, originals = run_sequential(model, requests, [Matrix(f"{name}.weight", l)], step,
-                                               checkpoint=checkpoint, progress=progress, desc="rome")
+                                               checkpoint=checkpoint, progress=progress, desc="rome",
+                                               after_step=after_step)
     return EditResult(
         requests=list(requests), config=config, updates=updates, originals=originals, targets=state_targets(state),
         context_templates=prep.templates, fingerprint=prep.fingerprint, model_name=model_name,

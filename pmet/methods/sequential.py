@@ -49,9 +49,11 @@ def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices
                    step: Callable[[list[EditRequest], int], Step], *, size: int = 1,
                    checkpoint: str | os.PathLike | None = None, progress: bool = True, desc: str = "edit",
                    resumed: Callable[[SequentialState], None] | None = None,
+                   after_step: Callable[[int], None] | None = None,
                    ) -> tuple[SequentialState, list[LayerUpdate], dict[str, torch.Tensor]]:
     """Call `step(requests[i:i+size], i)` for consecutive chunks, resuming after the chunks saved in `checkpoint`
-    (a file; saved at most every checkpoint.SAVE_EVERY_S seconds and after the last chunk). Returns the state,
+    (a file; saved at most every checkpoint.SAVE_EVERY_S seconds and after the last chunk); `after_step(done)` is
+called after each chunk with the number of requests edited so far (e.g. a curve's evaluation). Returns the state,
     one LayerUpdate per matrix (Δ = W_now − W_0, residual norm averaged over steps) and the original weights."""
     names = [m.weight for m in matrices]
     originals = {n: weight_named(model, n).detach().cpu().clone() for n in names}  # before resume: W_0 of this model
@@ -67,6 +69,8 @@ def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices
             state.add(step(chunk, i), len(chunk))
             saver.save(model, names, state, final=state.done == len(requests))
             bar.update(len(chunk))
+            if after_step is not None:
+                after_step(state.done)
     updates = []
     for m in matrices:
         norms = state.residual_norms.get(m.weight, [])
