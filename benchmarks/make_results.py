@@ -2,6 +2,8 @@
 
     python benchmarks/make_results.py RUNS_DIR
     python benchmarks/make_results.py --paired RUN_A RUN_B   # B − A on the records both runs edited
+    python benchmarks/make_results.py --curves OUT.png RUN...  # sequential runs' curves (curve.json): one figure,
+                                                             # and a table of the points
 
 prints, for each (model, dataset, edits) group of runs, the Markdown results table (unedited model first), then
 one table of stage timings, one of Δ norms per edited matrix and one of paired differences against PMET (same
@@ -168,8 +170,28 @@ def trace(t: dict, name: str) -> None:
     print()
 
 
+CURVE_COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity", "Spe."), ("score", "Score"),
+                 ("perplexity", "PPL"), ("top1_agreement", "Top-1 agree")]
+
+
+def curves(png: Path, run_dirs: list[Path]) -> None:
+    """One figure of the runs' curves (report.plot_curves) and one Markdown table: a row per run and point."""
+    from pmet.evaluation.report import cell, plot_curves
+
+    loaded = [json.loads((d / "curve.json").read_text()) for d in run_dirs]
+    plot_curves(loaded, str(png))
+    print("| method | edits | " + " | ".join(name for _, name in CURVE_COLUMNS) + " |")
+    print("| --- | --- |" + " --- |" * len(CURVE_COLUMNS))
+    for c in loaded:
+        for p in c["points"]:
+            cells = [cell(k, p["metrics"].get(k)) for k, _ in CURVE_COLUMNS]
+            print(f"| {c['method']} | {p['edits']} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--paired"] and len(sys.argv) == 4:
+    if sys.argv[1:2] == ["--curves"] and len(sys.argv) >= 4:
+        curves(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]])
+    elif sys.argv[1:2] == ["--paired"] and len(sys.argv) == 4:
         paired_runs(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         main(Path(sys.argv[1]))

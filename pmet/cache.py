@@ -22,6 +22,13 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root)
 
 
+def tensor_sha256(t: Any) -> str:
+    """SHA-256 of a tensor's raw bytes (exact: any changed bit changes it; the dtype and shape are not part of it)."""
+    import torch
+
+    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
 def digest(data: Any, size: int = 20) -> str:
     """Hex key of JSON-able `data` (dict keys sorted; other objects by str()): equal data, equal key."""
     text = json.dumps(data, sort_keys=True, default=str)

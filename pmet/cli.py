@@ -121,12 +121,13 @@ def edit(
 def _on_chain(lm: Any, patch_on: list[Path], method: str, cfg: Any, corpus: str | None, cache_dir: Path | None,
               quiet: bool) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
     """With --patch-on: the chain applied to the base model, and the base model's context templates and C0 for
-    the edit on top (the sequential protocol of --sequential-batches: statistics of the unedited model)."""
+    the edit on top (the sequential protocol of --sequential-batches: statistics of the unedited model), and with
+    --null-space the keys the chain's patches stored (K_p K_pᵀ, as earlier batches')."""
     if not patch_on:
         return [], {}
     from .editor import prepare
     from .methods import get_method
-    from .patch import apply_chain
+    from .patch import apply_chain, chain_keys, short
     from .patch_cli import load_chain
 
     chain = load_chain(patch_on)
@@ -134,6 +135,11 @@ def _on_chain(lm: Any, patch_on: list[Path], method: str, cfg: Any, corpus: str 
     if get_method(method).statistics:
         prep = prepare(lm.model, lm.tok, cfg, corpus=corpus, cache_dir=cache_dir, progress=not quiet)
         given = {"c0": prep.c0, "context_templates": prep.templates}
+    if cfg.null_space:  # the chain's edits are protected as earlier batches are (their stored keys)
+        given["earlier_keys"], without = chain_keys([p for _, p in chain])
+        if without:
+            console.print(f"note: patch{'es' if len(without) > 1 else ''} {', '.join(short(x) for x in without)} "
+                          "stored no keys (made without --null-space): the null space does not protect their edits")
     apply_chain(lm.model, chain)
     return chain, given
 

@@ -14,13 +14,12 @@ The projectors are cached beside C0, keyed on the exact C0 bytes and the thresho
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache import cache_root, digest
+from .cache import cache_root, digest, tensor_sha256
 from .fileio import atomic_write
 
 
@@ -35,9 +34,7 @@ def projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
 def cached_projector(c0: torch.Tensor, threshold: float, cache_dir: str | os.PathLike | None = None
                      ) -> torch.Tensor:
     """`projector(c0, threshold)`, from the cache when this exact C0 and threshold were seen before."""
-    c0 = c0.detach().cpu().contiguous()
-    sha = hashlib.sha256(c0.reshape(-1).view(torch.uint8).numpy()).hexdigest()
-    key = digest([sha, str(c0.dtype), threshold], 16)
+    key = digest([tensor_sha256(c0), str(c0.dtype), threshold], 16)
     path = cache_root(cache_dir) / "stats" / "null_space" / f"P-{key}.safetensors"
     if path.is_file():
         try:

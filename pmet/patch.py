@@ -5,7 +5,9 @@ A patch holds, per edited matrix, either Δ's two factors (P, Q), float64, with 
 rank ≤ the number of edits, pmet.update.stored_delta) or Δ itself (in the stored layout and dtype of the weight:
 sequential methods, or when the factors would be larger), plus metadata (JSON strings): base-model fingerprint,
 method, config, requests, context templates, per-request diagnostics, the SHA-256 of every original and edited
-matrix, the patch's id and the ids of the patches it was made on top of ("parents", in order).
+matrix, the patch's id and the ids of the patches it was made on top of ("parents", in order). With the null-space
+option it also holds each matrix's keys K1 (`keys::<weight>`, hash recorded), so that an edit chained on top of it
+(`pmet edit --patch-on`) keeps this edit's keys in its null space, as a sequential batch would.
 
 Applying checks the fingerprint and the original hashes, performs exactly the addition the edit performed
 (W += Δ, Δ expanded from its factors by the one function the edit used), and checks the edited hashes. A compact
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from .arch import get_weight
+from .cache import tensor_sha256
 from .config import PMETConfig, from_dict
 from .errors import PatchError
 from .fileio import atomic_write
@@ -38,11 +41,6 @@ from .patch_info import FORMAT, PATCH_FILE, read_header
 from .requests import EditRequest, parse_record
 from .targets import TargetDiagnostics, Targets
 from .update import LayerUpdate, factor_product
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's raw bytes (exact: any changed bit changes it)."""
-    return hashlib.sha256(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def short(patch_id: str) -> str:
@@ -135,6 +133,7 @@ class EditResult:
                 "shape": list(u.delta.shape),
                 "storage": "factors" if u.factors is not None and not full else "delta",
                 "rank": None if u.factors is None else u.factors[0].shape[1],
+                "sha256_keys": None if u.keys is None else tensor_sha256(u.keys),
             }
             for u in self.updates
         }
@@ -172,6 +171,8 @@ class EditResult:
                 tensors[f"delta::{u.weight}"] = u.delta.to(self.dtype_of(u.weight)).contiguous()
             if full:
                 tensors[f"original::{u.weight}"] = self.originals[u.weight].contiguous()
+            if u.keys is not None:  # the null-space option: what protects this edit in a later chained edit
+                tensors[f"keys::{u.weight}"] = u.keys.contiguous()
         for name, values in (("ffn", self.targets.ffn), ("attn", self.targets.attn)):
             if values is not None:
                 tensors[f"target::{name}"] = values.cpu().contiguous()
@@ -241,15 +242,19 @@ class EditResult:
 
 def _stored_update(name: str, w: dict[str, Any], tensors: dict[str, torch.Tensor], p: Path) -> LayerUpdate:
     """A LayerUpdate from a patch's tensors: Δ itself, or Δ expanded from its factors as the edit expanded it."""
+    keys = tensors.get(f"keys::{name}")
+    if (None if keys is None else tensor_sha256(keys)) != w.get("sha256_keys"):
+        raise PatchError(f"patch {p}: weight '{name}': the stored keys do not match their recorded SHA-256 (the "
+                         "patch was altered or damaged)")
     if w.get("storage", "delta") == "delta":
         return LayerUpdate(name, w["layer"], w["component"], _tensor(tensors, f"delta::{name}", p),
-                           w["residual_norm"])
+                           w["residual_norm"], keys=keys)
     P, Q = _tensor(tensors, f"factor_p::{name}", p), _tensor(tensors, f"factor_q::{name}", p)
     if P.dim() != 2 or Q.dim() != 2 or P.shape[1] != Q.shape[1] or [P.shape[0], Q.shape[0]] != w["shape"]:
         raise PatchError(f"patch {p}: weight '{name}': factors of shapes {list(P.shape)}, {list(Q.shape)} do not "
                          f"make a {w['shape']} matrix")
     delta = factor_product(P, Q).to(getattr(torch, w["dtype"]))
-    return LayerUpdate(name, w["layer"], w["component"], delta, w["residual_norm"], (P, Q))
+    return LayerUpdate(name, w["layer"], w["component"], delta, w["residual_norm"], (P, Q), keys)
 
 
 def _meta_json(meta: dict[str, str], key: str, p: Path, default: Any = None) -> Any:
@@ -317,6 +322,21 @@ def _parents_hint(parents: Sequence[str]) -> str:
         return ""
     return f" (it was made on top of patch{'es' if len(parents) > 1 else ''} " \
         f"{', '.join(short(p) for p in parents)}: apply {'those' if len(parents) > 1 else 'it'} first)"
+
+
+def chain_keys(patches: Sequence[EditResult]) -> tuple[dict[tuple[int, str], torch.Tensor], list[str]]:
+    """K_p K_pᵀ per (layer, component) summed over the keys the patches stored (null-space option, float64), and
+    the ids of the patches that stored none (their edits are not in the sum)."""
+    grams: dict[tuple[int, str], torch.Tensor] = {}
+    without = []
+    for p in patches:
+        if not any(u.keys is not None for u in p.updates):
+            without.append(p.patch_id)
+        for u in p.updates:
+            if u.keys is not None:
+                key = (u.layer, u.component)
+                grams[key] = grams[key] + u.key_gram if key in grams else u.key_gram
+    return grams, without
 
 
 def apply_chain(model: PreTrainedModel, chain: Sequence[tuple[str, EditResult]]) -> None:

@@ -162,7 +162,13 @@ class LayerUpdate:
     #                       post_norm_residual="preimage")
     factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (P, Q) float64, Δ = factor_product(P, Q), when
     #                                                            a low-rank patch can store them (stored_delta)
-    key_gram: torch.Tensor | None = None  # K1 K1ᵀ (float64, CPU) with the null-space option: the next batch's K_p
+    keys: torch.Tensor | None = None  # K1 (n, d_in), CPU, as the solve read them, with the null-space option: what
+    #                                    protects this edit from later ones (K_p of the next batch or chained patch)
+
+    @property
+    def key_gram(self) -> torch.Tensor | None:
+        """K1ᵀK1 of this update's keys in float64 (its share of K_p K_pᵀ), or None without keys."""
+        return None if self.keys is None else self.keys.double().T @ self.keys.double()
 
 
 def insert(
@@ -236,9 +242,9 @@ def insert(
                 stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
                 W.add_(stored)
             factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
-            gram = (K.double().T @ K.double()).cpu() if cfg.null_space else None
             updates.append(LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(),
-                                       float(R.norm(dim=-1).mean()), factors, gram))
+                                       float(R.norm(dim=-1).mean()), factors,
+                                       K.detach().cpu().clone() if cfg.null_space else None))
     realised = read_bare([stream])[stream] - before[stream]
     return updates, StreamCheck.measure(intended, realised)
 

@@ -88,3 +88,54 @@ def test_an_empty_null_space_is_refused_not_a_silent_no_op():
     with pytest.raises(ConfigError, match="null space is empty"):  # every eigenvalue of C0 is 1 > 2e-2
         edit(model, tok, REQUESTS, cfg_for(null_space=True), c0=identity_c0(model, [1, 2]),
              context_templates=TEMPLATES, progress=False)
+
+
+def test_a_chained_null_space_patch_keeps_the_patch_below_protected_as_a_batch_would(tmp_path):
+    """Edit A, save it (its keys go into the patch), edit B on top with the keys read back from A's patch: the
+    same total Δ as A and B as two sequential batches of one run; B without A's keys is another update. Altered
+    keys in a patch are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from pmet.errors import PatchError
+    from pmet.methods.apply import apply_method
+    from pmet.patch import EditResult, chain_keys
+
+    from .test_engine import identity_c0
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = cfg_for(null_space=True, null_space_l2=1e-3)
+    c0 = {k: v * 1e-3 for k, v in identity_c0(model, [1, 2]).items()}  # P = I: the earlier keys decide
+    kw = dict(c0=c0, context_templates=TEMPLATES, progress=False)
+    seq = apply_method("pmet", model, tok, REQUESTS, cfg, sequential_batches=2, **kw)
+    seq.revert(model)
+
+    a = edit(model, tok, REQUESTS[:2], cfg, **kw)
+    a.save(tmp_path / "a")
+    loaded = EditResult.load(tmp_path / "a")
+    assert all(torch.equal(u.keys, v.keys) for u, v in zip(a.updates, loaded.updates, strict=True))
+    earlier, without = chain_keys([loaded])
+    assert without == [] and sorted(earlier) == [(1, "ffn"), (2, "ffn")]
+    b = apply_method("pmet", model, tok, REQUESTS[2:], cfg, earlier_keys=earlier, **kw)
+    for ua, ub, us in zip(a.updates, b.updates, seq.updates, strict=True):
+        assert float((ua.delta + ub.delta - us.delta).norm()) <= 1e-5 * float(us.delta.norm())
+    b.revert(model)
+    unprotected = apply_method("pmet", model, tok, REQUESTS[2:], cfg, **kw)
+    for ua, ub, uu in zip(a.updates, b.updates, unprotected.updates, strict=True):  # B moves A's keys less
+        K_a = ua.keys.double().T
+        assert float((ub.delta.double() @ K_a).norm()) < 0.5 * float((uu.delta.double() @ K_a).norm())
+    unprotected.revert(model)
+    a.revert(model)
+
+    plain = edit(model, tok, REQUESTS[:1], cfg_for(), c0=identity_c0(model, [1, 2]), context_templates=TEMPLATES,
+                 progress=False)
+    assert chain_keys([plain])[1] == [plain.patch_id]
+    tensors = load_file(str(tmp_path / "a" / "patch.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / "patch.safetensors"), "pt") as f:
+        meta = f.metadata()
+    name = next(k for k in tensors if k.startswith("keys::"))
+    tensors[name] = tensors[name] * 1.001
+    save_file(tensors, str(tmp_path / "a" / "patch.safetensors"), metadata=meta)
+    with pytest.raises(PatchError, match="stored keys do not match"):
+        EditResult.load(tmp_path / "a")

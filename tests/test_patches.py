@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pmet.cache import tensor_sha256
 from pmet.card import card_metadata, card_text
 from pmet.editor import edit
 from pmet.errors import PatchError
-from pmet.patch import EditResult, apply_chain, revert_chain, tensor_sha256
+from pmet.patch import EditResult, apply_chain, revert_chain
 from pmet.patch_info import describe
 from pmet.requests import make_request
 from pmet.update import factor_product, low_rank_pays, solve_factors

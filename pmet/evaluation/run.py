@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_root, digest
+from ..cache import cache_root, digest, tensor_sha256
 from ..config import PMETConfig
 from ..fileio import Outputs, atomic_write
 from ..methods import get_method
@@ -65,8 +65,6 @@ def _progress_file(fp: str, method: str, config: PMETConfig, records: list[EvalR
     everything the edits depend on (the unedited model, method and its revision, config, requests, batch size,
     given templates and C0, C0 corpus)."""
     import torch
-
-    from ..patch import tensor_sha256
 
     def tensor_id(t: Any) -> str:
         t = torch.as_tensor(t)

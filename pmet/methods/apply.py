@@ -27,15 +27,19 @@ def apply_method(method: str, model: PreTrainedModel, tok: PreTrainedTokenizerBa
                  cache_dir: str | os.PathLike | None = None, model_name: str = "", progress: bool = True,
                  fingerprint: str | None = None, target_cache: bool = False,
                  checkpoint: str | os.PathLike | None = None,
-                 after_step: Callable[[int], None] | None = None) -> EditResult:
+                 after_step: Callable[[int], None] | None = None,
+                 earlier_keys: dict[tuple[int, str], torch.Tensor] | None = None) -> EditResult:
     """Edit `model` in place with `method`; see the module docstring for the batch semantics. `checkpoint` (ROME,
     FT-W, `sequential_batches`): a file where the sequential edit saves its progress and from which a rerun
     resumes (methods/checkpoint.py). `after_step(done)` is called after each sequential step (one batch, or one
-    request of ROME/FT-W) with the number of requests edited so far; after the one batch otherwise."""
+    request of ROME/FT-W) with the number of requests edited so far; after the one batch otherwise.
+    `earlier_keys`: with the null-space option, K_p K_pᵀ per (layer, component) of edits made on this model before
+    (e.g. the patches it was made on top of), protected as earlier batches are."""
     record = get_method(method)
     result = _run(record, model, tok, requests, config, sequential_batches, c0=c0, context_templates=context_templates,
                   corpus=corpus, cache_dir=cache_dir, model_name=model_name, progress=progress, fingerprint=fingerprint,
-                  target_cache=target_cache, checkpoint=checkpoint, after_step=after_step)
+                  target_cache=target_cache, checkpoint=checkpoint, after_step=after_step,
+                  earlier_keys=earlier_keys)
     result.method = method
     return result
 
@@ -57,7 +61,8 @@ def _run(record: Method, model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
 
 def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
                 config: PMETConfig, size: int, *, checkpoint: str | os.PathLike | None,
-                after_step: Callable[[int], None] | None, **kwargs) -> EditResult:
+                after_step: Callable[[int], None] | None,
+                earlier_keys: dict[tuple[int, str], torch.Tensor] | None, **kwargs) -> EditResult:
     """Consecutive batches of `size` on the same model. Context templates and C0 come from the unedited model and
     are reused (MEMIT/AlphaEdit sequential protocol); targets and keys are computed on the model as edited so
     far (its fingerprint, which keys the target cache, is recomputed after the first batch)."""
@@ -72,8 +77,14 @@ def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requ
 
     grams: dict[str, torch.Tensor] = {}  # null_space: K_p K_pᵀ of the batches so far, per matrix
 
+    given = earlier_keys or {}
+
     def step(chunk: list[EditRequest], i: int) -> Step:
-        earlier = {(m.layer, m.component): grams[m.weight] for m in matrices if m.weight in grams}
+        earlier = {}
+        for m in matrices:
+            parts = [g for g in (given.get((m.layer, m.component)), grams.get(m.weight)) if g is not None]
+            if parts:
+                earlier[(m.layer, m.component)] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         res = edit(model, tok, chunk, config, **{**kwargs, "c0": prep.c0, "context_templates": prep.templates,
                                                  "fingerprint": prep.fingerprint if i == 0 else None,
                                                  "earlier_keys": earlier or None})
