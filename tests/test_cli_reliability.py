@@ -117,6 +117,12 @@ def test_trace_and_eval_refuse_a_folder_holding_the_users_files(ws, cwd):
     refused(ws, cwd, ["eval", "--model", str(ws["model"]), "--data", str(facts), "--out", "out"], "not empty")
 
 
+def test_eval_refuses_a_curve_without_a_sequential_edit(ws, cwd):
+    data = Path(__file__).parent / "fixtures" / "counterfact_rome.json"
+    refused(ws, cwd, ["eval", "--model", str(ws["model"]), "--config", str(ws["cfg"]), "--data", str(data),
+                      "--slice", "all", "--out", "new", "--curve-every", "1"], "--curve-every needs a sequential edit")
+
+
 def test_force_replaces_only_what_pmet_wrote(ws, cwd):
     out = cwd / "out"
     proc = pmet(*edit_args(ws), "--out", str(out), "--force", "--save-model", cwd=cwd, env=ws["env"])
