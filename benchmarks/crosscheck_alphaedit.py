@@ -169,11 +169,18 @@ def main() -> None:
     print(f"MEMIT + null space (AlphaEdit) on {args.model}: {len(requests)} CounterFact test requests in sequential "
           f"batches of {args.batch}, layers {list(cfg.layers)}, threshold {cfg.null_space_threshold}, "
           f"L2 {cfg.null_space_l2}")
-    print("\nper layer: P (AlphaEdit's SVD of the float32 C0 vs our eigh of the float64 C0)")
+    print("\nper layer: P, AlphaEdit's (SVD of the float32 C0, as its get_cov returns it) vs ours (eigh of the "
+          "float64 C0); then AlphaEdit's get_project given the float64 C0; the eigenvalue gap at the threshold")
+    covs.update({names[l]: prep.c0[(l, "ffn")].double().cpu() for l in cfg.layers})
+    with contextlib.redirect_stdout(log):
+        P64 = [get_project(model, tok, l, hp) for l in cfg.layers]
     for i, l in enumerate(cfg.layers):
         mine = projector(prep.c0[(l, "ffn")], cfg.null_space_threshold)
+        values = torch.linalg.eigvalsh(prep.c0[(l, "ffn")].double())
+        below, above = values[values < cfg.null_space_threshold].max(), values[values >= cfg.null_space_threshold].min()
         print(f"  layer {l}: rank {round(float(P[i].trace()))} / ours {round(float(mine.trace()))}, "
-              f"relative difference {rel(mine, P[i]):.2e}")
+              f"relative difference {rel(mine, P[i]):.2e}; float64 input {rel(mine, P64[i]):.2e}; "
+              f"eigenvalues {float(below):.6f} | {float(above):.6f}")
     print("\nper matrix: Δ after all batches, relative difference ours vs AlphaEdit; ‖Δ‖ AlphaEdit")
     for u in ours.updates:
         theirs = get_weight(model, names[u.layer]).detach() - originals[u.layer]

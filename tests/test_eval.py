@@ -113,7 +113,7 @@ def test_slices_are_disjoint_and_fixed(tmp_path):
     assert dev[0].relation_id is None and dev[0].target_new_id == "Q1"
     recs[5]["requested_rewrite"]["target_true"] = {"id": "Q2"}
     path.write_text(json.dumps(recs))
-    with pytest.raises(RequestError, match=r"record 5: field 'requested_rewrite.target_true.str'"):
+    with pytest.raises(RequestError, match=r"record 6: field 'requested_rewrite.target_true.str'"):
         load_eval_records(path, "counterfact", slice_="all")
 
 

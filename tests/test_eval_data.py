@@ -151,17 +151,17 @@ def test_knowedit_zsre_records() -> None:
 def test_wrong_dataset_for_the_file(path: Path, dataset: str, problem: str) -> None:
     with pytest.raises(RequestError) as info:
         load_eval_records(path, dataset, slice_="all")
-    assert (info.value.source, info.value.record, info.value.field) == (str(path), 0, None)
+    assert (info.value.source, info.value.record, info.value.field) == (str(path), 1, None)
     assert info.value.problem.startswith(f"{problem} (unrecognised keys [")
 
 
 def test_eval_record_errors(tmp_path: Path) -> None:
-    # record numbers are 0-based indices in the JSON list here
+    # record numbers are 1-based positions in the JSON list, as pmet edit names them
     cf = _fixture(EASYEDIT_FX)
     del cf[1]["ground_truth"]
     with pytest.raises(RequestError) as info:
         load_eval_records(_write(tmp_path, cf), "counterfact", slice_="all")
-    assert (info.value.record, info.value.field) == (1, "target_true")
+    assert (info.value.record, info.value.field) == (2, "target_true")
     assert info.value.problem == "CounterFact evaluation needs the true target"
 
     ke = _fixture(KNOWEDIT_FX)
@@ -169,7 +169,7 @@ def test_eval_record_errors(tmp_path: Path) -> None:
         del item["ground_truth"]
     with pytest.raises(RequestError) as info:
         load_eval_records(_write(tmp_path, ke), "zsre", slice_="all")
-    assert (info.value.record, info.value.field) == (2, "locality")
+    assert (info.value.record, info.value.field) == (3, "locality")
 
     mend = _fixture(ZSRE_MEND_FX)
     for change, kwargs, field in [
@@ -185,9 +185,9 @@ def test_eval_record_errors(tmp_path: Path) -> None:
         records = [mend[0], dict(mend[1], **change)]
         with pytest.raises(RequestError) as info:
             load_eval_records(_write(tmp_path, records), "zsre", slice_="all", **kwargs)
-        assert (info.value.record, info.value.field) == (1, field), change
+        assert (info.value.record, info.value.field) == (2, field), change  # 1-based, as pmet edit counts
 
-    with pytest.raises(RequestError, match="record 1: record must be an object"):
+    with pytest.raises(RequestError, match="record 2: record must be an object"):
         load_eval_records(_write(tmp_path, [mend[0], "Pelloria Cup"]), "zsre", slice_="all")
 
 
@@ -250,4 +250,11 @@ def test_portability_questions(tmp_path: Path) -> None:
     cf[2]["portability"] = {"New Question": "Where?", "New Answer": ""}
     with pytest.raises(RequestError) as info:
         load_eval_records(_write(tmp_path, cf), "counterfact", slice_="all")
-    assert (info.value.record, info.value.field) == (2, "portability")
+    assert (info.value.record, info.value.field) == (3, "portability")
+
+
+def test_asking_for_no_records_is_refused_not_read_as_all() -> None:
+    assert len(_ids(ROME_FX, "counterfact", n=1, slice_="all")) == 1
+    for n in (0, -3):
+        with pytest.raises(RequestError, match="give at least 1"):
+            load_eval_records(ROME_FX, "counterfact", n=n, slice_="all")

@@ -112,5 +112,5 @@ def test_eval_bad_input_is_one_line(tmp_path):
                                                                     "target_true": {"str": "Paris"}}}]))
     result = CliRunner().invoke(app, ["eval", "--data", str(bad), "--slice", "all", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "record 0" in result.output and "target_new" in result.output
+    assert "record 1" in result.output and "target_new" in result.output
     assert not (tmp_path / "o").exists()

@@ -33,7 +33,7 @@ def eval_command(
     method: str = typer.Option("pmet", help=METHOD_HELP),
     dataset: str = typer.Option("counterfact", help="counterfact or zsre."),
     data: Path = typer.Option(..., "--data", help=DATA_HELP),
-    edits: int | None = typer.Option(None, "--edits", "-n", help="Number of records (edits); default: all."),
+    edits: int | None = typer.Option(None, "--edits", "-n", min=1, help="Number of records (edits); default: all."),
     slice_: str = typer.Option("test", "--slice", help="dev, test or all (docs/EVALUATION.md: fixed by case id)."),
     ablation: str | None = typer.Option(None, help=ABLATION_HELP),
     config: str | None = typer.Option(None, "--config", "-c", help="Preset name or YAML/JSON hparams file."),

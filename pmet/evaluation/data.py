@@ -84,14 +84,16 @@ def _portability(obj: dict[str, Any], index: int, source: str) -> tuple[tuple[st
     return tuple(out)
 
 
-def _record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_target: str) -> EvalRecord:
-    record = _request_record(obj, index, dataset, source, zsre_target)
+def _record(obj: dict[str, Any], index: int, case_id: int | str, dataset: str, source: str, zsre_target: str
+            ) -> EvalRecord:
+    """Record number `index` (1-based, as errors name it) of the file, with its `case_id`."""
+    record = _request_record(obj, index, case_id, dataset, source, zsre_target)
     return dataclasses.replace(record, portability=_portability(obj, index, source))
 
 
-def _request_record(obj: dict[str, Any], index: int, dataset: str, source: str, zsre_target: str) -> EvalRecord:
+def _request_record(obj: dict[str, Any], index: int, case_id: int | str, dataset: str, source: str,
+                    zsre_target: str) -> EvalRecord:
     fmt = _format_of(obj, dataset)
-    case_id = obj.get("case_id", index)
     if fmt == "mend":
         return _mend_record(obj, index, case_id, source, zsre_target)
     request = parse_record(obj, source=source, record=index)
@@ -139,11 +141,13 @@ def _mend_record(obj: dict[str, Any], index: int, case_id: int | str, source: st
 
 def load_eval_records(path: str | Path, dataset: str, *, n: int | None = None, slice_: str = "test",
                       zsre_target: str = "answers") -> list[EvalRecord]:
-    """The first `n` records of `slice_` in the JSON list at `path` (file order)."""
+    """The first `n` records of `slice_` in the JSON list at `path` (file order; n None: all of them)."""
     if dataset not in DATASETS:
         raise RequestError(str(path), None, None, f"unknown dataset '{dataset}' (choose from {', '.join(DATASETS)})")
     if slice_ not in SLICES:
         raise RequestError(str(path), None, None, f"unknown slice '{slice_}' (choose from {', '.join(SLICES)})")
+    if n is not None and n < 1:
+        raise RequestError(str(path), None, None, f"asked for {n} records: give at least 1 (or all)")
     source = str(path)
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -156,15 +160,15 @@ def load_eval_records(path: str | Path, dataset: str, *, n: int | None = None, s
     out: list[EvalRecord] = []
     for i, obj in enumerate(raw):
         if not isinstance(obj, dict):
-            raise RequestError(source, i, None, "record must be an object")
-        cid = obj.get("case_id", i)
+            raise RequestError(source, i + 1, None, "record must be an object")
+        cid = obj.get("case_id", i)  # without case ids: the 0-based position (ROME's zsRE convention)
         if slice_ != "all" and in_dev_slice(cid) != (slice_ == "dev"):
             continue
         try:
-            out.append(_record(obj, i, dataset, source, zsre_target))
+            out.append(_record(obj, i + 1, cid, dataset, source, zsre_target))
         except RequestError as e:
             if e.source == "":
-                raise RequestError(source, i, None, str(e.problem)) from None
+                raise RequestError(source, i + 1, None, str(e.problem)) from None
             raise
         if n is not None and len(out) == n:
             break
