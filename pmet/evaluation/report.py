@@ -123,8 +123,9 @@ def plot_curves(curves: list[dict[str, Any]], path: str) -> None:
             y = [scale * m["mean"] for _, m in pts]
             ax.plot(x, y, marker="o", markersize=3, label=c["method"])
             ci = [scale * (m.get("ci95") or 0.0) for _, m in pts]
-            ax.fill_between(x, [a - b for a, b in zip(y, ci, strict=True)], [a + b for a, b in zip(y, ci, strict=True)],
-                            alpha=0.15)
+            top = float("inf") if key in UNSCALED else 100.0  # a fraction's interval stops at 0 and 100%
+            ax.fill_between(x, [max(0.0, a - b) for a, b in zip(y, ci, strict=True)],
+                            [min(top, a + b) for a, b in zip(y, ci, strict=True)], alpha=0.15)
         ax.set_title(key)
         ax.set_xlabel("edits")
         ax.set_ylabel("perplexity" if key == "perplexity" else "% (mean ± 95% CI)")
