@@ -15,8 +15,10 @@ model, mid-edit) by pmet's readers, which are MEMIT's definitions (subject's las
 context templates in two stages). Shims: "cuda" and `.cuda()` become the model's device; the modules
 AlphaEdit_main imports for statistics and generation are stand-ins that fail if called.
 
-Prints, per layer, the relative difference of P and its rank, and per edited matrix the relative difference of Δ
-after all batches, ‖ours − AlphaEdit‖/‖AlphaEdit‖. Results: docs/RESULTS.md ("Cross-check against AlphaEdit").
+Prints, per layer, the rank of P and its relative difference to ours when AlphaEdit's get_project reads C0 in
+float32 (as its get_cov returns it) and in float64; per edited matrix the relative difference of Δ after all
+batches, ‖ours − AlphaEdit‖/‖AlphaEdit‖, for AlphaEdit's edit with either P (its solve is float32 either way).
+Results: docs/RESULTS.md ("Cross-check against AlphaEdit").
 """
 
 from __future__ import annotations
@@ -157,35 +159,49 @@ def main() -> None:
         lm_head_module="lm_head", mom2_dataset="given (pmet C0)", mom2_n_samples=0, mom2_dtype="float32",
         nullspace_threshold=cfg.null_space_threshold, L2=cfg.null_space_l2)
     log = io.StringIO()
+
+    def run_alphaedit(P: torch.Tensor) -> dict[int, torch.Tensor]:
+        """AlphaEdit's sequential batches with projectors P (layers, d_k, d_k); its Δ per layer, then reverted."""
+        nonlocal pending
+        cache_c = torch.zeros(P.shape)
+        with contextlib.redirect_stdout(log):
+            for start in range(0, len(requests), args.batch):
+                pending = [{"case_id": i, "prompt": r.prompt, "subject": r.subject,
+                            "target_new": {"str": r.target_new}}
+                           for i, r in enumerate(requests[start : start + args.batch], start)]
+                main_mod.apply_AlphaEdit_to_model(model, tok, pending, hp, cache_c=cache_c, P=P)
+        deltas = {l: get_weight(model, n).detach() - originals[l] for l, n in names.items()}
+        with torch.no_grad():
+            for l, n in names.items():
+                get_weight(model, n).copy_(originals[l])
+        return deltas
+
+    pending: list[dict] = []
     with contextlib.redirect_stdout(log):
-        P = torch.stack([get_project(model, tok, l, hp) for l in cfg.layers])
-        d_k = P.shape[-1]
-        cache_c = torch.zeros(len(cfg.layers), d_k, d_k)
-        for start in range(0, len(requests), args.batch):
-            pending = [{"case_id": i, "prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target_new}}
-                       for i, r in enumerate(requests[start : start + args.batch], start)]
-            _, cache_c = main_mod.apply_AlphaEdit_to_model(model, tok, pending, hp, cache_c=cache_c, P=P)
+        P32 = torch.stack([get_project(model, tok, l, hp) for l in cfg.layers])  # as AlphaEdit runs
+        covs.update({names[l]: prep.c0[(l, "ffn")].double().cpu() for l in cfg.layers})
+        P64 = torch.stack([get_project(model, tok, l, hp) for l in cfg.layers])  # its code, float64 input
+    theirs = run_alphaedit(P32)
+    theirs64 = run_alphaedit(P64.float())
 
     print(f"MEMIT + null space (AlphaEdit) on {args.model}: {len(requests)} CounterFact test requests in sequential "
           f"batches of {args.batch}, layers {list(cfg.layers)}, threshold {cfg.null_space_threshold}, "
           f"L2 {cfg.null_space_l2}")
-    print("\nper layer: P, AlphaEdit's (SVD of the float32 C0, as its get_cov returns it) vs ours (eigh of the "
-          "float64 C0); then AlphaEdit's get_project given the float64 C0; the eigenvalue gap at the threshold")
-    covs.update({names[l]: prep.c0[(l, "ffn")].double().cpu() for l in cfg.layers})
-    with contextlib.redirect_stdout(log):
-        P64 = [get_project(model, tok, l, hp) for l in cfg.layers]
+    print("\nper layer: rank of P, AlphaEdit's / ours; relative difference of P to ours, AlphaEdit's get_project on "
+          "the float32 C0 (as its get_cov returns it) and on the float64 C0; C0's eigenvalues either side of the "
+          "threshold")
     for i, l in enumerate(cfg.layers):
         mine = projector(prep.c0[(l, "ffn")], cfg.null_space_threshold)
         values = torch.linalg.eigvalsh(prep.c0[(l, "ffn")].double())
         below, above = values[values < cfg.null_space_threshold].max(), values[values >= cfg.null_space_threshold].min()
-        print(f"  layer {l}: rank {round(float(P[i].trace()))} / ours {round(float(mine.trace()))}, "
-              f"relative difference {rel(mine, P[i]):.2e}; float64 input {rel(mine, P64[i]):.2e}; "
+        print(f"  layer {l}: rank {round(float(P32[i].trace()))} / {round(float(mine.trace()))}; "
+              f"float32 C0 {rel(mine, P32[i]):.2e}, float64 C0 {rel(mine, P64[i]):.2e}; "
               f"eigenvalues {float(below):.6f} | {float(above):.6f}")
-    print("\nper matrix: Δ after all batches, relative difference ours vs AlphaEdit; ‖Δ‖ AlphaEdit")
+    print("\nper matrix: Δ after all batches, relative difference ours vs AlphaEdit's edit with its float32 P, and "
+          "with P from the float64 C0; ‖Δ‖ AlphaEdit")
     for u in ours.updates:
-        theirs = get_weight(model, names[u.layer]).detach() - originals[u.layer]
-        print(f"  {u.weight}: {rel(u.delta, theirs):.2e}; ‖Δ‖ {float(theirs.norm()):.4f}")
-
+        print(f"  {u.weight}: {rel(u.delta, theirs[u.layer]):.2e}, {rel(u.delta, theirs64[u.layer]):.2e}; "
+              f"‖Δ‖ {float(theirs[u.layer].norm()):.4f}")
 
 if __name__ == "__main__":
     main()
