@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crosscheck_easyedit import DATA, DEVICE_STRING, _never, rel  # noqa: E402
+from crosscheck_easyedit import DATA, DEVICE_STRING, _never, register_module, register_stand_ins, rel  # noqa: E402
 
 from pmet.arch import get_weight, layout_of  # noqa: E402
 from pmet.config import load_config, parse_overrides  # noqa: E402
@@ -53,22 +53,13 @@ STAND_INS = {"rome": None, "rome.layer_stats": "layer_stats", "util.generate": "
 def load_alphaedit(root: Path, device: torch.device, shims: dict) -> types.ModuleType:
     """AlphaEdit's AlphaEdit_main with its hparams, util.nethook and util.hparams; compute_ks and compute_z are
     the modules of `shims` (name -> function)."""
-    for name, path in (("util", root / "util"), ("AlphaEdit", root / "AlphaEdit")):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(path)]
-        sys.modules[name] = pkg
-    for name, fn in STAND_INS.items():
-        mod = types.ModuleType(name)
-        if fn:
-            setattr(mod, fn, _never(fn))
-        sys.modules[name] = mod
+    for name in ("util", "AlphaEdit"):
+        register_module(name, path=root / name)
+    register_stand_ins(STAND_INS)
     for name, fns in (("AlphaEdit.compute_ks", ["compute_ks"]),
                       ("AlphaEdit.compute_z", ["compute_z", "get_module_input_output_at_words",
                                                "find_fact_lookup_idx"])):
-        mod = types.ModuleType(name)
-        for fn in fns:
-            setattr(mod, fn, shims.get(fn, _never(fn)))
-        sys.modules[name] = mod
+        register_module(name, {fn: shims.get(fn, _never(fn)) for fn in fns})
     path = root / "AlphaEdit" / "AlphaEdit_main.py"
     if not path.exists():
         sys.exit(f"error: {path} not found: --alphaedit must point at an AlphaEdit checkout")

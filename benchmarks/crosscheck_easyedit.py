@@ -101,18 +101,29 @@ def _shimmed_source(path: Path, devices: bool, tuple_reads: bool) -> str:
     return src
 
 
+def register_module(name: str, attrs: dict | None = None, path: Path | None = None) -> types.ModuleType:
+    """Put a module `name` holding `attrs` into sys.modules (a package whose submodules load from `path`, if
+    given), so that the checked code's imports find it instead of the real one."""
+    mod = types.ModuleType(name)
+    if path is not None:
+        mod.__path__ = [str(path)]
+    mod.__dict__.update(attrs or {})
+    sys.modules[name] = mod
+    return mod
+
+
+def register_stand_ins(stand_ins: dict[str, str | None]) -> None:
+    """Modules whose named function (if any) fails when called: the check passes their results in."""
+    for name, fn in stand_ins.items():
+        register_module(name, {fn: _never(fn)} if fn else None)
+
+
 def load_easyedit(root: Path, method: str, device: torch.device) -> types.ModuleType:
     """EasyEdit's `<method>_main` and what it imports, with the shims of the module docstring."""
     for name in ["easyeditor", "easyeditor.util", "easyeditor.models", "easyeditor.models.rome",
                  f"easyeditor.models.{method}"]:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(root.joinpath(*name.split(".")))]
-        sys.modules[name] = pkg
-    for name, fn in STAND_INS.items():
-        mod = types.ModuleType(name)
-        if fn:
-            setattr(mod, fn, _never(fn))
-        sys.modules[name] = mod
+        register_module(name, path=root.joinpath(*name.split(".")))
+    register_stand_ins(STAND_INS)
     spec = METHODS[method]
     names = COMMON + [f"easyeditor.models.{method}.{m}" for m in spec["modules"]]
     for name in names:

@@ -16,6 +16,7 @@ from pmet.evaluation.evaluate import EvalOptions
 from pmet.requests import make_request
 
 from .test_engine import TEMPLATES, cfg_for, identity_c0
+from .test_eval import die_in_the_edited_evaluation
 from .tiny import SENTENCES, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,14 +81,7 @@ def test_a_resumed_run_keeps_the_points_measured_before_it_stopped(setup, tmp_pa
     lm, kw = setup
     spec = C.CurveSpec(every=1)
     fresh = R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "fresh", curve=spec, **kw)
-    real = R.evaluate_records
-
-    def dies_in_the_edited_evaluation(*args, **kwargs):
-        if kwargs.get("desc") == "edited":
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(R, "evaluate_records", dies_in_the_edited_evaluation)
+    real = die_in_the_edited_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "a", curve=spec, **kw)
     [saved] = (tmp_path / "cache" / "sequential").glob("*.curve.json")

@@ -375,6 +375,22 @@ def test_interrupted_sequential_edit_resumes_exactly(tmp_path, monkeypatch, meth
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def die_in_the_edited_evaluation(monkeypatch) -> object:
+    """Make run_eval's evaluation of the edited model raise KeyboardInterrupt (a run killed after its edit);
+    returns the real evaluate_records, to put back."""
+    from pmet.evaluation import run as R
+
+    real = R.evaluate_records
+
+    def dies(*args, **kwargs):
+        if kwargs.get("desc") == "edited":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "evaluate_records", dies)
+    return real
+
+
 @pytest.mark.parametrize("method, batches", [("ft", None), ("pmet", 1)])
 def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path, monkeypatch, method, batches):
     from types import SimpleNamespace
@@ -386,14 +402,7 @@ def test_run_eval_resumes_a_sequential_edit_and_removes_its_checkpoint(tmp_path,
     cfg = PMETConfig(layers=[1], ft_num_steps=5, ft_lr=1e-2, ft_norm_constraint=1e-3) if method == "ft" else cfg_for()
     kw = dict(opts=EvalOptions(generation=False), cache_dir=tmp_path / "cache", progress=False,
               context_templates=TEMPLATES, sequential_batches=batches, c0=identity_c0(model, cfg.layers))
-    real = R.evaluate_records
-
-    def dies_in_the_edited_evaluation(*args, **kwargs):
-        if kwargs.get("desc") == "edited":
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(R, "evaluate_records", dies_in_the_edited_evaluation)
+    real = die_in_the_edited_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         R.run_eval(lm, _records(), method, cfg, tmp_path / "a", **kw)
     assert not (tmp_path / "a").exists()

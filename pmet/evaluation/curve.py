@@ -34,7 +34,6 @@ from .evaluate import EvalOptions, evaluate_records
 from .metrics import aggregate_records, harmonic_mean
 
 SPECIFICITY = ("specificity", "easyedit_locality")  # metrics read on the neighbourhood sample
-PLOTTED = ("efficacy", "generalization", "specificity", "perplexity")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ class Curve:
         edits = aggregate_records([r["metrics"] for r in res[:done]])
         metrics = {k: v for k, v in edits.items() if not _is_specificity(k) and k != "score"}
         metrics |= self._specificity(res[done:])
-        if self.chunks and self.unedited_drift is not None:
+        if self.unedited_drift is not None:  # measured only when there are drift chunks
             metrics |= drift_metrics(self.unedited_drift, language_stats(model, self.chunks))
         parts = [metrics.get(k, {}).get("mean") for k in ("efficacy", "generalization", "specificity")]
         if all(p is not None for p in parts):
@@ -144,4 +143,4 @@ class Curve:
                 "seconds": self.seconds, "points": self.points}
 
 
-__all__ = ["Curve", "CurveSpec", "PLOTTED", "sample_indices"]
+__all__ = ["Curve", "CurveSpec", "sample_indices"]

@@ -12,6 +12,7 @@ WILD = [("portability", "Portability"), ("wild_efficacy", "Wild eff."), ("wild_g
 # what the edit costs the model on held-out text (drift.py); perplexities are not fractions
 DRIFT = [("perplexity", "PPL"), ("perplexity_delta", "ΔPPL"), ("top1_agreement", "Top-1 agree")]
 UNSCALED = ("fluency", "perplexity", "perplexity_delta")
+CURVE_PANELS = ("efficacy", "generalization", "specificity", "perplexity")  # plot_curves, one panel each
 COLUMNS = {
     "counterfact": [("score", "Score"), ("efficacy", "Efficacy"), ("generalization", "Generalization"),
                     ("specificity", "Specificity"), ("fluency", "Fluency"), ("consistency", "Consistency"),
@@ -112,7 +113,7 @@ def plot_curves(curves: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("efficacy", "generalization", "specificity", "perplexity")
+    panels = [k for k in CURVE_PANELS
               if any(k in p["metrics"] for c in curves for p in c["points"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     for ax, key in zip(axes[0], panels, strict=True):

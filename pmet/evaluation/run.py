@@ -197,8 +197,9 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
         plot_metrics(summary, str(folder / "metrics.png"))
         plot_margins(records, before, after, summary["method"], str(folder / "margins.png"))
         if points is not None:
-            (folder / "curve.json").write_text(json.dumps(points.to_dict(summary), indent=1), encoding="utf-8")
-            plot_curves([points.to_dict(summary)], str(folder / "curve.png"))
+            curve_data = points.to_dict(summary)
+            (folder / "curve.json").write_text(json.dumps(curve_data, indent=1), encoding="utf-8")
+            plot_curves([curve_data], str(folder / "curve.png"))
 
     outputs.write({out: write_run})
     if progress_file is not None:

@@ -83,8 +83,8 @@ def _in_batches(edit, model: PreTrainedModel, tok: PreTrainedTokenizerBase, requ
         earlier = {}
         for m in matrices:
             parts = [g for g in (given.get((m.layer, m.component)), grams.get(m.weight)) if g is not None]
-            if parts:
-                earlier[(m.layer, m.component)] = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+            if parts:  # the given keys (e.g. of earlier patches) and this run's earlier batches
+                earlier[(m.layer, m.component)] = sum(parts[1:], parts[0])
         res = edit(model, tok, chunk, config, **{**kwargs, "c0": prep.c0, "context_templates": prep.templates,
                                                  "fingerprint": prep.fingerprint if i == 0 else None,
                                                  "earlier_keys": earlier or None})

@@ -53,7 +53,7 @@ def run_sequential(model: PreTrainedModel, requests: list[EditRequest], matrices
                    ) -> tuple[SequentialState, list[LayerUpdate], dict[str, torch.Tensor]]:
     """Call `step(requests[i:i+size], i)` for consecutive chunks, resuming after the chunks saved in `checkpoint`
     (a file; saved at most every checkpoint.SAVE_EVERY_S seconds and after the last chunk); `after_step(done)` is
-called after each chunk with the number of requests edited so far (e.g. a curve's evaluation). Returns the state,
+    called after each chunk with the number of requests edited so far (e.g. a curve's evaluation). Returns the state,
     one LayerUpdate per matrix (Δ = W_now − W_0, residual norm averaged over steps) and the original weights."""
     names = [m.weight for m in matrices]
     originals = {n: weight_named(model, n).detach().cpu().clone() for n in names}  # before resume: W_0 of this model
