@@ -5,9 +5,12 @@ process, on the same prompts:
    rows leave the batch; the CPU default batch) vs `model.generate` in batches of 32 (pmet's earlier code);
 2. the 'self' C0 corpus: the same sampler sized to the tokens asked for vs `model.generate` in batches of 32;
 3. teacher-forced scoring: each prompt once and its targets from its KV cache vs one padded row per
-   (prompt, target) pair (pmet's earlier code).
+   (prompt, target) pair (pmet's earlier code);
+4. `--parts wild`: the wild protocol's greedy answers, one context at a time: a batch's shared prefix (the chat
+   template's system turn, the instruction) run once vs every row run whole (pmet's earlier code), and how many
+   answers agree.
 
-    python benchmarks/bench_eval.py [--records 32] [--self-tokens 8000]
+    python benchmarks/bench_eval.py [--records 32] [--self-tokens 8000] [--parts generation,self,scoring,wild]
 
 Prints tokens or rows per second and the ratios; record them in docs/PERFORMANCE.md with the machine.
 """
@@ -22,11 +25,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from pmet import sampling
 from pmet.arch import layout_of, unembed
 from pmet.evaluation.data import load_eval_records
-from pmet.evaluation.evaluate import CPU_BATCH_SIZES, _cf_rows
+from pmet.evaluation.evaluate import CPU_BATCH_SIZES, _cf_rows, _wild_prompts
 from pmet.evaluation.generation import generate
 from pmet.evaluation.scoring import score_rows
+from pmet.evaluation.wild import CONTEXTS, context_ids, greedy
 from pmet.hooks import Trace
 from pmet.models import load_model
 from pmet.prompts import pad_left, pad_right
@@ -95,6 +100,8 @@ def main() -> None:
         compare_self_corpus(model, tok, args.self_tokens)
     if "scoring" in parts:
         compare_scoring(model, tok, records)
+    if "wild" in parts:
+        compare_wild(model, tok, records)
 
 
 def compare_generation(model, tok, records) -> None:
@@ -135,6 +142,28 @@ def compare_scoring(model, tok, records) -> None:
     _, t_new = timed(lambda: score_rows(model, tok, rows, batch_size=CPU_BATCH_SIZES[0]))
     print(f"scoring, {len(rows)} rows ({len({p for p, _ in rows})} distinct prompts): one row per pair "
           f"{t_base:.1f} s; shared prompts {t_new:.1f} s; x{t_base / t_new:.2f}")
+
+
+def compare_wild(model, tok, records) -> None:
+    for context in CONTEXTS:
+        prompts = [context_ids(tok, q[2], context) for rec in records for q in _wild_prompts(rec)]
+        if prompts[0] is None:
+            continue
+
+        whole, t_whole = timed(lambda p=prompts: _greedy_sharing(model, tok, p, 10**9))
+        shared, t_shared = timed(lambda p=prompts: _greedy_sharing(model, tok, p, sampling.MIN_SHARED))
+        same = sum(a == b for a, b in zip(whole, shared, strict=True))
+        print(f"wild answers, {context}, {len(prompts)} prompts: every row whole {t_whole:.1f} s; shared prefix "
+              f"{t_shared:.1f} s; x{t_whole / t_shared:.2f}; {same}/{len(prompts)} answers identical")
+
+
+def _greedy_sharing(model, tok, prompts: list[list[int]], min_shared: int) -> list[str]:
+    """The wild protocol's greedy answers with prefixes shared from `min_shared` tokens on (10**9: never)."""
+    keep, sampling.MIN_SHARED = sampling.MIN_SHARED, min_shared
+    try:
+        return greedy(model, tok, prompts, max_new_tokens=20, batch_size=CPU_BATCH_SIZES[1])
+    finally:
+        sampling.MIN_SHARED = keep
 
 
 if __name__ == "__main__":

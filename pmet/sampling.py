@@ -6,6 +6,10 @@ Here the draw is made among the k largest logits only (their softmax is that res
 step costs k random numbers per row instead of one per vocabulary entry; only the last position's logits are
 computed (`logits_to_keep=1`). Rows are left-padded so every row's next token sits in the last column; each row
 has its own budget of new tokens and stops at an end-of-sequence token, and finished rows leave the batch.
+
+A prefix that every prompt of the batch shares (e.g. a chat template's system turn) of at least MIN_SHARED tokens
+is run once and its KV cache repeated for every row; the rows' own tokens follow it after their padding (positions
+and mask as if unshared). Same tokens as without sharing, float rounding aside.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .prompts import pad_left
 
 SCHEME = "rows1"  # names this sampler in cache keys of sampled outputs: change it when the samples change
 DROP_FRACTION = 8  # finished rows leave the batch once they are ≥ 1/8 of it (each drop copies the KV cache)
+MIN_SHARED = 8  # a common prompt prefix this long or longer is computed once for the batch
 
 
 def eos_token_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> list[int]:
@@ -72,6 +77,7 @@ def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
     u = row_uniforms(seeds, int(budget.max()) if n else 0, device)
     step, cache, tokens = 0, DynamicCache(config=model.config), []  # filled in place by each forward
     with torch.no_grad():
+        ids, mask, pos = _share_prefix(model, prompts, int(budget.max()) if n else 0, cache, ids, mask, pos, pad_id)
         while bool(live.any()):
             if int((~live).sum()) * DROP_FRACTION >= len(live):  # drop finished rows
                 keep = live.nonzero().squeeze(-1)
@@ -96,3 +102,30 @@ def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
     for r, chunk in enumerate(steps[:, 1].cpu().split(counts)):
         out[r] = chunk.tolist()
     return out
+
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own."""
+    if not prompts:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
+def _share_prefix(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, cache: DynamicCache,
+                  ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, pad_id: int):
+    """Run the batch's shared prefix once into `cache`, repeated for every row; returns the rows' own left-padded
+    tokens with the mask over prefix + own tokens and their positions (unchanged inputs when nothing is shared,
+    or when a sliding window shorter than the texts would see the rows' padding where it would not otherwise)."""
+    n, shared = len(prompts), shared_prefix(prompts)
+    window = getattr(model.config, "sliding_window", None) or 0
+    if n < 2 or shared < MIN_SHARED or (window and max(map(len, prompts)) + new_tokens > window):
+        return ids, mask, pos
+    model(input_ids=torch.tensor([list(prompts[0][:shared])], device=ids.device), use_cache=True, logits_to_keep=1,
+          **cache_kwargs(model, cache))
+    cache.batch_repeat_interleave(n)
+    own, own_mask = pad_left([p[shared:] for p in prompts], pad_id, ids.device)
+    mask = torch.cat([torch.ones_like(own_mask[:, :1]).expand(n, shared), own_mask], -1)
+    return own, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]

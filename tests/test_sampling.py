@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pmet.sampling import draw_top_k, row_uniforms, sample
+from pmet.sampling import MIN_SHARED, draw_top_k, row_uniforms, sample, shared_prefix
 
 from .tiny import ARCHS, tiny_model
 
@@ -44,6 +44,37 @@ def test_cached_batch_equals_each_prompt_alone(arch):
     assert got == want
     assert len(got[0]) <= 5 and len(got[2]) <= 2 and got[0][-1] in eos
     assert sample(model, prompts[1:3], budgets[1:3], seeds[1:3], top_k=50, eos_ids=eos, pad_id=0) == got[1:3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_run_once_gives_the_same_tokens(arch, monkeypatch):
+    """Prompts that share a 12-token prefix (as a chat template's system turn): the prefix runs once, in a batch of
+    its own, and every row's tokens still equal the uncached one-prompt reference. A sliding window shorter than
+    the texts turns sharing off (the rows' padding would fall inside the window)."""
+    model = tiny_model(arch)
+    torch.manual_seed(2)
+    prefix = torch.randint(3, 300, (12,)).tolist()
+    prompts = [prefix + torch.randint(3, 300, (n,)).tolist() for n in (4, 1, 6, 2)]
+    budgets, seeds = [6, 3, 5, 6], [21, 22, 23, 24]
+    assert shared_prefix(prompts) == 12 and shared_prefix([prefix, prefix]) == 11 and MIN_SHARED <= 12
+    calls = []
+    monkeypatch.setattr(model, "forward", _counting(model.forward, calls))
+    if getattr(model.config, "sliding_window", None):
+        sample(model, prompts, budgets, seeds, top_k=50, eos_ids=[], pad_id=0)
+        assert calls[0] == (4, 18)  # window 4: not shared
+        model.config.sliding_window, calls[:] = 64, []
+    got = sample(model, prompts, budgets, seeds, top_k=50, eos_ids=[], pad_id=0)
+    assert calls[0] == (1, 12)  # the prefix alone, then the rows' own tokens after it
+    assert calls[1] == (4, 6)
+    want = [_uncached(model, p, b, s, 50, []) for p, b, s in zip(prompts, budgets, seeds, strict=True)]
+    assert got == want
+
+
+def _counting(forward, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+    return wrapped
 
 
 def test_draw_follows_the_top_k_distribution():

@@ -247,11 +247,15 @@ def _add_wild(model, tok, records, results, opts, progress, desc) -> None:
     rows = [(k, ctx, q) for k, rec in enumerate(records) for ctx in CONTEXTS for q in _wild_prompts(rec)]
     ids = {(ctx, q[2]): context_ids(tok, q[2], ctx) for _, ctx, q in rows}
     rows = [row for row in rows if ids[(row[1], row[2][2])] is not None]  # no chat template: no chat context
-    answers = greedy(model, tok, [ids[(ctx, q[2])] for _, ctx, q in rows], max_new_tokens=opts.wild_tokens,
-                     batch_size=opts.generation_batch_size, progress=progress, desc=f"{desc}: wild")
+    answers: dict[int, str] = {}
+    for context in CONTEXTS:  # one context at a time, so that a batch shares its context's prefix (pmet.sampling)
+        mine = [i for i, row in enumerate(rows) if row[1] == context]
+        answers.update(zip(mine, greedy(model, tok, [ids[(context, rows[i][2][2])] for i in mine],
+                                        max_new_tokens=opts.wild_tokens, batch_size=opts.generation_batch_size,
+                                        progress=progress, desc=f"{desc}: wild, {context}"), strict=True))
     per: dict[tuple[int, str], list[tuple[tuple, str]]] = {}
-    for (k, ctx, q), answer in zip(rows, answers, strict=True):
-        per.setdefault((k, ctx), []).append((q, answer))
+    for i, (k, ctx, q) in enumerate(rows):
+        per.setdefault((k, ctx), []).append((q, answers[i]))
     for (k, ctx), items in per.items():
         results[k].setdefault("wild", {})[ctx] = [{"group": q[0], "index": q[1], "answer": a} for q, a in items]
         metrics = _wild_metrics(records[k].request.target_new, items)

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..sampling import eos_token_ids, sample
 
 CONTEXTS = ("bare", "qa", "chat")
-SCHEME = "wild1"  # names the contexts' texts in cache keys of evaluated answers: change it when they change
+SCHEME = "wild2"  # names the contexts' texts and their batching in cache keys of answers: change it when they change
 # A statement is continued after the instruction (SmolLM2 ends at once after "Sentence: ... Answer:"), a question
 # is answered after "Answer:".
 QA_STATEMENT = "Complete the sentence with the correct fact.\n{}"
