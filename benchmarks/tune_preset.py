@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pmet.config import load_config, parse_overrides  # noqa: E402
+from pmet.config import PMETConfig, load_config, parse_overrides  # noqa: E402
 from pmet.evaluation.data import load_eval_records  # noqa: E402
 from pmet.evaluation.drift import drift_metrics, language_stats, text_chunks  # noqa: E402
 from pmet.evaluation.evaluate import EvalOptions, evaluate_records, summarize  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
               f"{time.perf_counter() - t:.0f} |", flush=True)
 
 
-def settings(base, args: argparse.Namespace) -> list:
+def settings(base: PMETConfig, args: argparse.Namespace) -> list[PMETConfig]:
     """The swept configs: layer ranges × clamps × λ, or × threshold × α with the null-space option."""
     ranges = [list(range(int(a), int(b) + 1)) for a, b in (r.split("-") for r in (args.layers or []))] \
         or [base.layers]
@@ -109,6 +109,7 @@ def settings(base, args: argparse.Namespace) -> list:
     l2s = [float(x) for x in args.null_space_l2s.split(",")] if args.null_space_l2s else [base.null_space_l2]
     return [base.replace(layers=lay, clamp_norm_factor=c, null_space=True, null_space_threshold=th, null_space_l2=a)
             for lay, c, th, a in itertools.product(ranges, clamps, thresholds, l2s)]
+
 
 if __name__ == "__main__":
     main()
