@@ -9,6 +9,7 @@
 # unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
+# EVAL_ARGS from the environment is added to every run (e.g. EVAL_ARGS="--set null_space_l2=10").
 set -euo pipefail
 N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
 GROUPS_=${*:-smollm2 shared-ablations zsre zsre-preset trace no-attn-delta gemma gemma-preimage}
@@ -16,7 +17,9 @@ DATA=${PMET_DATA_DIR:-../shared/data}
 CF=$DATA/counterfact_rome_subsets/counterfact_rome_format_subset.json
 PORT=$DATA/counterfact_rome_subsets/counterfact_portability_gpt4.json
 ZSRE=$DATA/zsre/zsre_mend_eval_portability_gpt4.json
-COMMON=(--edits "$N" --slice test --corpus "$DATA/wikitext/wikitext-2-raw/wiki.valid.raw" --generation-prompts 2 -q)
+read -ra EXTRA <<< "${EVAL_ARGS:-}"
+COMMON=(--edits "$N" --slice test --corpus "$DATA/wikitext/wikitext-2-raw/wiki.valid.raw" --generation-prompts 2 -q
+        "${EXTRA[@]}")
 run() {  # name, then pmet eval arguments
   local name=$1; shift
   if [ -f "$OUT/$name/summary.json" ]; then echo "skip $name (done)"; return; fi
