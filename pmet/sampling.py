@@ -70,14 +70,20 @@ def sample(model: PreTrainedModel, prompts: Sequence[Sequence[int]], max_new_tok
     out: list[list[int]] = [[] for _ in range(n)]
     budget = torch.as_tensor(list(max_new_tokens), device=device)
     rows = torch.arange(n, device=device)  # prompt index of each live batch row
-    ids, mask = pad_left(prompts, pad_id, device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    new_tokens = int(budget.max()) if n else 0
+    shared = _shareable(model, prompts, new_tokens)  # the prefix's positions come first, then each row's padding
+    ids, mask = pad_left([p[shared:] for p in prompts], pad_id, device)
+    mask = torch.cat([mask.new_ones(n, shared), mask], -1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     eos = torch.as_tensor(list(eos_ids), device=device)
     live = budget > 0
-    u = row_uniforms(seeds, int(budget.max()) if n else 0, device)
+    u = row_uniforms(seeds, new_tokens, device)
     step, cache, tokens = 0, DynamicCache(config=model.config), []  # filled in place by each forward
     with torch.no_grad():
-        ids, mask, pos = _share_prefix(model, prompts, int(budget.max()) if n else 0, cache, ids, mask, pos, pad_id)
+        if shared:  # the shared prefix once, its keys/values repeated for every row
+            model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True,
+                  logits_to_keep=1, **cache_kwargs(model, cache))
+            cache.batch_repeat_interleave(n)
         while bool(live.any()):
             if int((~live).sum()) * DROP_FRACTION >= len(live):  # drop finished rows
                 keep = live.nonzero().squeeze(-1)
@@ -114,18 +120,11 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _share_prefix(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int, cache: DynamicCache,
-                  ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, pad_id: int):
-    """Run the batch's shared prefix once into `cache`, repeated for every row; returns the rows' own left-padded
-    tokens with the mask over prefix + own tokens and their positions (unchanged inputs when nothing is shared,
-    or when a sliding window shorter than the texts would see the rows' padding where it would not otherwise)."""
-    n, shared = len(prompts), shared_prefix(prompts)
+def _shareable(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
+    """The shared prefix's length when it is worth running once (≥ MIN_SHARED tokens, ≥ 2 prompts), else 0; also 0
+    when a sliding window shorter than prompt + new tokens would see a row's padding where unshared it would not."""
+    shared = shared_prefix(prompts) if len(prompts) > 1 else 0
     window = getattr(model.config, "sliding_window", None) or 0
-    if n < 2 or shared < MIN_SHARED or (window and max(map(len, prompts)) + new_tokens > window):
-        return ids, mask, pos
-    model(input_ids=torch.tensor([list(prompts[0][:shared])], device=ids.device), use_cache=True, logits_to_keep=1,
-          **cache_kwargs(model, cache))
-    cache.batch_repeat_interleave(n)
-    own, own_mask = pad_left([p[shared:] for p in prompts], pad_id, ids.device)
-    mask = torch.cat([torch.ones_like(own_mask[:, :1]).expand(n, shared), own_mask], -1)
-    return own, mask, (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    if shared < MIN_SHARED or (window and max(map(len, prompts)) + new_tokens > window):
+        return 0
+    return shared
