@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Sequence
 
 import torch
@@ -114,10 +115,8 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt shares, leaving each at least one token of its own."""
     if not prompts:
         return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return max(n, 0)
+    common = os.path.commonprefix([list(p) for p in prompts])  # compares the smallest and largest prompt only
+    return max(min(len(common), min(map(len, prompts)) - 1), 0)
 
 
 def _shareable(model: PreTrainedModel, prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
