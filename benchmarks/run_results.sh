@@ -9,7 +9,8 @@
 # unedited model first, edits, evaluates again.
 # Settings shared by every run: the test slice, C0 from WikiText-2 validation text (the preset's token count),
 # fluency from 2 generation prompts per record (ROME uses all 10; 2 keeps a 100-edit run within minutes on CPU).
-# EVAL_ARGS from the environment is added to every run (e.g. EVAL_ARGS="--set null_space_l2=10").
+# EVAL_ARGS from the environment is added to every run (e.g. EVAL_ARGS="--set null_space_l2=10"); ONLY=NAME skips
+# every `pmet eval` run but the one of that folder name; PMET is the command that runs pmet (default `pmet`).
 set -euo pipefail
 N=${1:?edits per run}; OUT=${2:?output folder}; shift 2
 GROUPS_=${*:-smollm2 shared-ablations zsre zsre-preset trace no-attn-delta gemma gemma-preimage}
@@ -22,9 +23,10 @@ COMMON=(--edits "$N" --slice test --corpus "$DATA/wikitext/wikitext-2-raw/wiki.v
         "${EXTRA[@]}")
 run() {  # name, then pmet eval arguments
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [ "$name" != "$ONLY" ]; then return; fi
   if [ -f "$OUT/$name/summary.json" ]; then echo "skip $name (done)"; return; fi
   echo "=== $name: $(date -u +%H:%M:%S)"
-  pmet eval "${COMMON[@]}" --out "$OUT/$name" "$@"
+  ${PMET:-pmet} eval "${COMMON[@]}" --out "$OUT/$name" "$@"
 }
 for g in $GROUPS_; do
   case $g in
@@ -36,11 +38,11 @@ for g in $GROUPS_; do
     no-attn-delta)
       run "smollm2-cf$N-pmet+no-attn-delta" --model smollm2-135m --method pmet --ablation no-attn-delta --data "$CF" ;;
     trace)  # 10 known facts, 3 noise samples (ROME: 1000 facts, 10 samples): 11.5 min on a 2-core CPU
-      [ -f "$OUT/trace-smollm2/trace.json" ] || pmet trace --model smollm2-135m --facts "$DATA/rome/known_1000.json" \
-        --n 10 --samples 3 --out "$OUT/trace-smollm2" -q
+      [ -f "$OUT/trace-smollm2/trace.json" ] || ${PMET:-pmet} trace --model smollm2-135m \
+        --facts "$DATA/rome/known_1000.json" --n 10 --samples 3 --out "$OUT/trace-smollm2" -q
       # the same on Gemma-3-270M: 21 min (its known facts have longer prompts)
-      [ -f "$OUT/trace-gemma3/trace.json" ] || pmet trace --model gemma3-270m --facts "$DATA/rome/known_1000.json" \
-        --n 10 --samples 3 --out "$OUT/trace-gemma3" -q ;;
+      [ -f "$OUT/trace-gemma3/trace.json" ] || ${PMET:-pmet} trace --model gemma3-270m \
+        --facts "$DATA/rome/known_1000.json" --n 10 --samples 3 --out "$OUT/trace-gemma3" -q ;;
     stream-tuned)  # our residual=stream deviation at its own dev-best values (docs/PRESETS.md): clamp 3.0, λ 5000
       run "smollm2-cf$N-pmet+stream-residual-tuned" --model smollm2-135m --method pmet --data "$CF" \
         --set residual=stream --set clamp_norm_factor=3.0 --set mom2_update_weight=5000 \
