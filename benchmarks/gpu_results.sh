@@ -43,6 +43,9 @@ for r in $RUNS; do
   a=($(run_of "$r")) || { echo "gpu_results.sh: unknown run '$r' in RUNS" >&2; exit 2; }
   GROUPS_+=("${a[0]}"); NAMES+=("${a[1]}")
 done
+for name in "${NAMES[@]}"; do  # never replace a file this run did not write
+  [ -e "$OUT/${name//+/_}.tar.gz" ] && { echo "gpu_results.sh: $OUT/${name//+/_}.tar.gz exists" >&2; exit 2; }
+done
 mkdir -p "$OUT"; WORK=$(mktemp -d)
 DMON=
 if command -v nvidia-smi >/dev/null; then
