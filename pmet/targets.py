@@ -251,7 +251,7 @@ def _pass_rows(plan: _Plan, cfg: PMETConfig, device: torch.device) -> list[torch
     for the suffix replay its length from the subject's last token on). Full replay: consecutive groups. Suffix
     replay: cut where the replayed work is smallest (dynamic programming over the sorted rows; a pass costs its
     rows × its widest row + PASS_OVERHEAD), so that rows of very different widths do not pad each other."""
-    width = [len(r) - (plan.lookup[j] if cfg.replay == "suffix" else 0) for j, r in enumerate(plan.rows)]
+    width = _widths(plan, cfg)
     order, step = sorted(range(len(width)), key=lambda j: width[j]), cfg.v_rows_per_pass
     if cfg.replay == "full":
         return [torch.tensor(order[i : i + step], device=device) for i in range(0, len(order), step)]
@@ -266,6 +266,21 @@ def _pass_rows(plan: _Plan, cfg: PMETConfig, device: torch.device) -> list[torch
         cuts.append(torch.tensor(order[start[k] : k], device=device))
         k = int(start[k])
     return cuts[::-1]
+
+
+def _widths(plan: _Plan, cfg: PMETConfig) -> list[int]:
+    """Positions each row is replayed over: its length, or for the suffix replay its length from the subject's
+    last token on."""
+    return [len(r) - (plan.lookup[j] if cfg.replay == "suffix" else 0) for j, r in enumerate(plan.rows)]
+
+
+def replayed_positions(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templates: ContextTemplates,
+                       cfg: PMETConfig, device: torch.device) -> int:
+    """Positions (padding included) that one Adam step replays through layers L..N-1 for this batch of requests
+    before any of them stops: over the passes, rows × widest row. What the target stage's cost scales with."""
+    plan = _plan(tok, requests, templates, cfg.kl_prompt)
+    width = _widths(plan, cfg)
+    return sum(len(ps) * max(width[j] for j in ps.tolist()) for ps in _pass_rows(plan, cfg, device))
 
 
 def _record(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, plan: _Plan, rows: _Rows,

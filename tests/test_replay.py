@@ -10,7 +10,7 @@ from pmet.arch import layout_of
 from pmet.hooks import LayerInputs, Trace
 from pmet.prompts import pad_right
 from pmet.replay import LayerReplay
-from pmet.targets import compute_targets
+from pmet.targets import _plan, _record, _row_tensors, compute_targets, replayed_positions
 
 from .test_engine import REQUESTS, TEMPLATES, cfg_for
 from .tiny import ARCHS, tiny_model, tiny_tokenizer
@@ -73,6 +73,20 @@ def test_suffix_and_full_replay_give_the_same_targets(arch):
     assert float(rel.max()) < 1e-3
     if full.attn is not None:
         assert float(((suffix.attn - full.attn).norm(dim=-1) / full.attn.norm(dim=-1)).max()) < 1e-3
+
+
+@pytest.mark.parametrize("replay", ["suffix", "full"])
+def test_replayed_positions_count_what_the_recorded_passes_replay(replay):
+    """The cost count equals the positions (padding included) the recorded passes hold, several passes deep."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    layout, cfg, cpu = layout_of(model), cfg_for(replay=replay, v_rows_per_pass=3), torch.device("cpu")
+    plan = _plan(tok, REQUESTS, TEMPLATES, cfg.kl_prompt)
+    passes, _ = _record(model, tok, layout, plan, _row_tensors(tok, plan, REQUESTS, cpu), [layout.ffn_out(1)], cfg)
+    assert len(passes) > 2
+    held = sum(ps.replay.hidden.shape[0] * ps.replay.hidden.shape[1] for ps in passes)
+    assert replayed_positions(tok, REQUESTS, TEMPLATES, cfg, cpu) == held
+    if replay == "suffix":
+        assert held < replayed_positions(tok, REQUESTS, TEMPLATES, cfg.replace(replay="full"), cpu)
 
 
 def test_suffix_replay_under_bfloat16_autocast():
