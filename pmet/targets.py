@@ -277,7 +277,8 @@ def _widths(plan: _Plan, cfg: PMETConfig) -> list[int]:
 def replayed_positions(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templates: ContextTemplates,
                        cfg: PMETConfig, device: torch.device) -> int:
     """Positions (padding included) that one Adam step replays through layers L..N-1 for this batch of requests
-    before any of them stops: over the passes, rows × widest row. What the target stage's cost scales with."""
+    before any of them stops: over the passes, rows × widest row. What the target stage's cost scales with (for
+    `replay: suffix`, where every layer supports it; pmet.replay otherwise falls back to every position)."""
     plan = _plan(tok, requests, templates, cfg.kl_prompt)
     width = _widths(plan, cfg)
     return sum(len(ps) * max(width[j] for j in ps.tolist()) for ps in _pass_rows(plan, cfg, device))
