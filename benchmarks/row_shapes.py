@@ -10,7 +10,7 @@ templates only shift a row, so N copies of the bare prompt stand in for them.
 With `--runs DIR...` it also prints, from each run's summary.json, the mean Adam steps per target and the target
 stage's seconds per request, so a rate difference between datasets can be split into steps and positions.
 
-    python benchmarks/row_shapes.py [--model smollm2-135m] [--n 1000] [--runs RUN_DIR ...]
+    python benchmarks/row_shapes.py [--model smollm2-135m] [--n 1000] [--preset DATASET=PRESET] [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
 from pmet.config import load_config
+from pmet.errors import PmetError
 from pmet.evaluation.data import load_eval_records
 from pmet.models import load_model
 from pmet.prompts import encode, target_ids
@@ -44,7 +46,7 @@ def replayed(tok, requests: list, cfg) -> float:
                for s in batches) / len(requests)
 
 
-def shapes(tok, dataset: str, n: int, preset: str) -> dict[str, float]:
+def shapes(tok, dataset: str, n: int, cfg) -> dict[str, float]:
     """Mean token counts of the rewriting rows of the first `n` test records of `dataset`."""
     recs = load_eval_records(DATA / SETS[dataset], dataset, n=n)
     prompt, after, target, suffix = [], [], [], []
@@ -58,12 +60,15 @@ def shapes(tok, dataset: str, n: int, preset: str) -> dict[str, float]:
         suffix.append(len(e.ids) - e.subject_last + t - 1)  # input positions s .. end (last target token not fed)
     mean = statistics.mean
     return {"records": len(recs), "prompt": mean(prompt), "after_subject": mean(after), "target": mean(target),
-            "suffix_positions": mean(suffix), "replayed": replayed(tok, [r.request for r in recs], load_config(preset))}
+            "suffix_positions": mean(suffix), "replayed": replayed(tok, [r.request for r in recs], cfg)}
 
 
 def run_rate(folder: Path) -> str:
     """Mean Adam steps per target and target-stage seconds per request of one evaluation run."""
-    s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    try:
+        s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PmetError(f"{folder / 'summary.json'}: cannot read: {e}") from None
     steps = s["target_diagnostics"].get("steps")
     if steps is None:
         return f"{folder.name}: no target stage"
@@ -71,23 +76,39 @@ def run_rate(folder: Path) -> str:
     return f"{folder.name}: n={s['n']}, mean steps {steps:.1f}, targets {rate:.2f} s/request"
 
 
+def _preset_arg(text: str) -> tuple[str, str]:
+    dataset, sep, preset = text.partition("=")
+    if not sep or dataset not in SETS or not preset:
+        raise argparse.ArgumentTypeError(f"expected DATASET=PRESET with DATASET one of {', '.join(SETS)}")
+    return dataset, preset
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--preset", action="append", default=[], metavar="DATASET=PRESET",
+    ap.add_argument("--preset", action="append", default=[], metavar="DATASET=PRESET", type=_preset_arg,
                     help="preset whose batch and pass sizes to use (default: the model's preset for both)")
     ap.add_argument("--runs", nargs="*", type=Path, default=[])
     a = ap.parse_args()
+    try:
+        report(a)
+    except PmetError as e:
+        print(f"row_shapes.py: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(a: argparse.Namespace) -> None:
     lm = load_model(a.model, device="cpu")
-    presets = {ds: lm.preset or a.model for ds in SETS} | dict(p.split("=", 1) for p in a.preset)
+    presets = {ds: lm.preset or a.model for ds in SETS} | dict(a.preset)
+    configs = {ds: load_config(presets[ds]) for ds in SETS}  # bad input fails before any line is printed
+    rates = [run_rate(folder) for folder in a.runs]
     print("dataset      records  prompt  after-subject  target  suffix/row  replayed/request/step  preset")
     for ds in SETS:
-        r = shapes(lm.tok, ds, a.n, presets[ds])
+        r = shapes(lm.tok, ds, a.n, configs[ds])
         print(f"{ds:<12} {r['records']:>7}  {r['prompt']:6.2f}  {r['after_subject']:13.2f}  {r['target']:6.2f}  "
               f"{r['suffix_positions']:10.2f}  {r['replayed']:21.1f}  {presets[ds]}")
-    for folder in a.runs:
-        print(run_rate(folder))
+    print("\n".join(rates))
 
 
 if __name__ == "__main__":
