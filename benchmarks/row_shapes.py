@@ -7,6 +7,10 @@ row cut at its own subject (subject's last token to the last input position; a c
 It also prints the positions actually replayed per request and Adam step, padding included, from the engine's own
 row plan and pass split (pmet.targets) under the model's preset, batches of `v_batch_size` requests; the context
 templates only shift a row, so N copies of the bare prompt stand in for them.
+From those it estimates the forward GFLOP per request and Adam step: 2 × the weights of layers L..N-1 per replayed
+position, plus 2 × d × vocabulary per position scored through the vocabulary projection (each target token of
+each rewriting row, and the KL row); attention scores over these short rows and the norms are left out. The
+weights are frozen, so the backward (input gradients only) costs about one forward more, for both parts alike.
 With `--runs DIR...` it also prints, from each run's summary.json, the mean Adam steps per target and the target
 stage's seconds per request, so a rate difference between datasets can be split into steps and positions.
 
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pmet.arch import layout_of
 from pmet.config import load_config
 from pmet.errors import PmetError
 from pmet.evaluation.data import load_eval_records
@@ -46,8 +51,17 @@ def replayed(tok, requests: list, cfg) -> float:
                for s in batches) / len(requests)
 
 
-def shapes(tok, dataset: str, n: int, cfg) -> dict[str, float]:
-    """Mean token counts of the rewriting rows of the first `n` test records of `dataset`."""
+def flop_weights(model, cfg) -> tuple[int, int]:
+    """(weights of the matrices of layers L..N-1, d × vocabulary): the multiply-adds per replayed position and per
+    position scored through the vocabulary projection."""
+    layers = model.get_submodule(layout_of(model).spec.layers)
+    replay = sum(p.numel() for layer in layers[cfg.L :] for p in layer.parameters() if p.dim() == 2)
+    return replay, model.config.hidden_size * model.config.vocab_size
+
+
+def shapes(model, tok, dataset: str, n: int, cfg) -> dict[str, float]:
+    """Mean token counts of the rewriting rows of the first `n` test records of `dataset`, and the estimated
+    forward GFLOP per request and Adam step."""
     recs = load_eval_records(DATA / SETS[dataset], dataset, n=n)
     prompt, after, target, suffix = [], [], [], []
     for rec in recs:
@@ -59,8 +73,13 @@ def shapes(tok, dataset: str, n: int, cfg) -> dict[str, float]:
         target.append(t)
         suffix.append(len(e.ids) - e.subject_last + t - 1)  # input positions s .. end (last target token not fed)
     mean = statistics.mean
+    rows = 1 + len(cfg.context_template_starts)  # rewriting rows per request (as in `replayed`)
+    scored = rows * mean(target) + 1  # positions through the vocabulary projection per request, the KL row included
+    positions = replayed(tok, [r.request for r in recs], cfg)
+    w_replay, w_vocab = flop_weights(model, cfg)
     return {"records": len(recs), "prompt": mean(prompt), "after_subject": mean(after), "target": mean(target),
-            "suffix_positions": mean(suffix), "replayed": replayed(tok, [r.request for r in recs], cfg)}
+            "suffix_positions": mean(suffix), "replayed": positions, "scored": scored,
+            "gflop": 2 * (positions * w_replay + scored * w_vocab) / 1e9}
 
 
 def run_rate(folder: Path) -> str:
@@ -103,11 +122,13 @@ def report(a: argparse.Namespace) -> None:
     presets = {ds: lm.preset or a.model for ds in SETS} | dict(a.preset)
     configs = {ds: load_config(presets[ds]) for ds in SETS}  # bad input fails before any line is printed
     rates = [run_rate(folder) for folder in a.runs]
-    print("dataset      records  prompt  after-subject  target  suffix/row  replayed/request/step  preset")
+    print("dataset      records  prompt  after-subject  target  suffix/row  replayed/request/step  "
+          "scored/request/step  GFLOP/request/step  preset")
     for ds in SETS:
-        r = shapes(lm.tok, ds, a.n, configs[ds])
+        r = shapes(lm.model, lm.tok, ds, a.n, configs[ds])
         print(f"{ds:<12} {r['records']:>7}  {r['prompt']:6.2f}  {r['after_subject']:13.2f}  {r['target']:6.2f}  "
-              f"{r['suffix_positions']:10.2f}  {r['replayed']:21.1f}  {presets[ds]}")
+              f"{r['suffix_positions']:10.2f}  {r['replayed']:21.1f}  {r['scored']:19.1f}  {r['gflop']:18.2f}  "
+              f"{presets[ds]}")
     print("\n".join(rates))
 
 
