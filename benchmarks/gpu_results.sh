@@ -3,7 +3,8 @@
 # per run (a 135M model leaves a large GPU mostly idle): `bash benchmarks/gpu_results.sh OUT [SECONDS]`.
 #   seq-*:      1,000 CounterFact edits in sequential batches of 100, a curve point after every batch
 #               (PMET, MEMIT, each with and without the null space: run_results.sh's `sequential` group);
-#   zsre-*:     zsRE PMET and MEMIT at 1,000 edits (run_results.sh's `zsre` group);
+#   zsre-*:     zsRE PMET and MEMIT at 1,000 edits (run_results.sh's `zsre` group; run on the CPU, so not in the
+#               default RUNS: name them to repeat them on the GPU);
 #   rome, ft:   ROME and FT-W on the 947 CounterFact test records (run_results.sh's `smollm2` group).
 # Each run is run_results.sh's own (ONLY=NAME), with the preset's fixed batch sizes added (batch_sizing=fixed):
 # processes sharing a GPU must not each size their batches from the free memory. A run still going after SECONDS
@@ -17,7 +18,7 @@
 # data files above under PMET_DATA_DIR (about 4 MB with WikiText's two files).
 set -uo pipefail
 OUT=${1:?output folder}; LIMIT=${2:-500}
-N=${N:-1000}; RUNS=${RUNS:-seq-pmet seq-pmet-ns seq-memit seq-memit-ns zsre-pmet zsre-memit rome ft}
+N=${N:-1000}; RUNS=${RUNS:-seq-pmet seq-pmet-ns seq-memit seq-memit-ns rome ft}
 HERE=$(dirname "$0")
 run_of() {  # run key -> run_results.sh's group and folder name
   case $1 in
