@@ -334,6 +334,12 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None
     proc.send_signal(signal.SIGINT)
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default disposition in the child: a test run from a background job inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler, so the run would not see the interrupt it is sent."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _no_temp_files(folder: Path) -> bool:
     return not [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".stage-" in p.name]
 
@@ -348,7 +354,8 @@ def test_ctrl_c_during_edit_leaves_nothing_half_written_and_a_rerun_resumes(ws, 
     args = [sys.executable, "-m", "pmet.cli", *edit_args(ws, reqs), "--config", str(cfg), "--out", "out",
             "--report", "r.json"]
     targets = tmp_path / "cache" / "targets"
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     _interrupt_when(proc, lambda: targets.is_dir() and len(list(targets.rglob("*.safetensors"))) >= 1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -371,7 +378,8 @@ def test_ctrl_c_during_stats_leaves_no_cache_entry(ws, tmp_path):
             str(corpus), "--tokens", "400000", "--device", "cpu"]
     log = tmp_path / "stderr.txt"
     with log.open("w") as err_file:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                preexec_fn=_default_sigint)
         # interrupt once the pass over the corpus is under way (its progress bar has shown a count)
         _interrupt_when(proc, lambda: "C0 keys" in log.read_text() and "tok/s" in log.read_text())
         proc.communicate(timeout=120)
