@@ -30,6 +30,7 @@ import torch
 
 from pmet.arch import layout_of
 from pmet.config import load_config
+from pmet.context import flat
 from pmet.errors import PmetError
 from pmet.evaluation.data import load_eval_records
 from pmet.models import load_model
@@ -43,9 +44,15 @@ SETS = {
 }
 
 
+def stand_in_templates(cfg) -> list[list[str]]:
+    """As many bare-prompt templates as the preset's context templates (the bare prompt and one per start word):
+    a context prefix only shifts a row, so it leaves the replayed and scored positions unchanged."""
+    return [["{}"] * (1 + len(cfg.context_template_starts))]
+
+
 def replayed(tok, requests: list, cfg) -> float:
     """Positions the suffix replay recomputes per request and Adam step (passes' rows × widest row, summed)."""
-    templates = [["{}"] * (1 + len(cfg.context_template_starts))]
+    templates = stand_in_templates(cfg)
     batches = range(0, len(requests), cfg.v_batch_size)
     return sum(replayed_positions(tok, requests[s : s + cfg.v_batch_size], templates, cfg, torch.device("cpu"))
                for s in batches) / len(requests)
@@ -73,7 +80,7 @@ def shapes(model, tok, dataset: str, n: int, cfg) -> dict[str, float]:
         target.append(t)
         suffix.append(len(e.ids) - e.subject_last + t - 1)  # input positions s .. end (last target token not fed)
     mean = statistics.mean
-    rows = 1 + len(cfg.context_template_starts)  # rewriting rows per request (as in `replayed`)
+    rows = len(flat(stand_in_templates(cfg)))  # rewriting rows per request
     scored = rows * mean(target) + 1  # positions through the vocabulary projection per request, the KL row included
     positions = replayed(tok, [r.request for r in recs], cfg)
     w_replay, w_vocab = flop_weights(model, cfg)
@@ -84,14 +91,17 @@ def shapes(model, tok, dataset: str, n: int, cfg) -> dict[str, float]:
 
 def run_rate(folder: Path) -> str:
     """Mean Adam steps per target and target-stage seconds per request of one evaluation run."""
+    path = folder / "summary.json"
     try:
-        s = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        s = json.loads(path.read_text(encoding="utf-8"))
+        steps = s["target_diagnostics"].get("steps")
+        if steps is None:
+            return f"{folder.name}: no target stage"
+        rate = s["timings"]["edit_targets"] / s["n"]
     except (OSError, ValueError) as e:
-        raise PmetError(f"{folder / 'summary.json'}: cannot read: {e}") from None
-    steps = s["target_diagnostics"].get("steps")
-    if steps is None:
-        return f"{folder.name}: no target stage"
-    rate = s["timings"]["edit_targets"] / s["n"]
+        raise PmetError(f"{path}: cannot read: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise PmetError(f"{path}: not a pmet eval summary (field {e})") from None
     return f"{folder.name}: n={s['n']}, mean steps {steps:.1f}, targets {rate:.2f} s/request"
 
 
