@@ -298,6 +298,11 @@ def test_run_eval_writes_outputs_and_caches_the_unedited_model(tmp_path, monkeyp
     s1 = R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "a", **kw)
     s2 = R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "b", **kw)
     assert calls == ["unedited", "edited", "edited"]  # the second run reads the unedited results from the cache
+    drift_off = {**kw, "opts": EvalOptions(generation_length=12, drift=False)}
+    R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "c", **drift_off)  # drift is not in the key
+    longer = {**kw, "opts": EvalOptions(generation_length=13)}
+    R.run_eval(lm, _records(), "pmet", cfg_for(), tmp_path / "d", **longer)  # the generation length is
+    assert calls == ["unedited", "edited", "edited", "edited", "unedited", "edited"]
     assert s1["unedited"] == s2["unedited"] and s1["metrics"]["efficacy"] == s2["metrics"]["efficacy"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # reverted
     assert s1["metrics"]["consistency"]["mean"] is None and s1["metrics"]["fluency"]["n"] == 2

@@ -38,11 +38,13 @@ from .wild import SCHEME as WILD_SCHEME
 def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, references: ReferenceTexts | None,
                       cache_dir: str | os.PathLike | None, progress: bool, fp: str) -> list[dict[str, Any]]:
     """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
-    (every run of a comparison evaluates the same unedited model on the same records)."""
+    (every run of a comparison evaluates the same unedited model on the same records). The drift options are not
+    part of the key: drift is measured apart from the per-record results (language_stats)."""
+    options = {k: v for k, v in asdict(opts).items() if k not in ("drift", "drift_text")}
     key = digest({
         "fingerprint": fp,
         "records": [[r.case_id, r.request.to_dict(), r.locality_answers, r.portability] for r in records],
-        "options": asdict(opts), "sampling": SCHEME, "wild": WILD_SCHEME,
+        "options": options, "sampling": SCHEME, "wild": WILD_SCHEME,
         "dtype": str(next(lm.model.parameters()).dtype),
     })
     path = cache_root(cache_dir) / "eval" / f"unedited-{key}.json"
