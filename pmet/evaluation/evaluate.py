@@ -65,6 +65,9 @@ class EvalOptions:
     drift_text: str | None = None  # its text file (None: WikiText-2's test split under $PMET_DATA_DIR)
 
 
+DRIFT_OPTIONS = ("drift", "drift_text")  # measured apart from the per-record results (drift.py): not in their keys
+
+
 class ReferenceTexts:
     """ROME's consistency references: attribute snippets per (relation, target id) and the TF-IDF statistics."""
 

@@ -30,7 +30,7 @@ from ..sampling import SCHEME
 from .curve import Curve, CurveSpec
 from .data import EvalRecord
 from .drift import default_text, drift_metrics, language_stats, text_chunks
-from .evaluate import EvalOptions, ReferenceTexts, evaluate_records, summarize
+from .evaluate import DRIFT_OPTIONS, EvalOptions, ReferenceTexts, evaluate_records, summarize
 from .report import markdown_table, plot_curves, plot_margins, plot_metrics
 from .wild import SCHEME as WILD_SCHEME
 
@@ -40,7 +40,7 @@ def _unedited_results(lm: Any, records: list[EvalRecord], opts: EvalOptions, ref
     """The unedited model's results, cached as JSON keyed by the model fingerprint, the records and the options
     (every run of a comparison evaluates the same unedited model on the same records). The drift options are not
     part of the key: drift is measured apart from the per-record results (language_stats)."""
-    options = {k: v for k, v in asdict(opts).items() if k not in ("drift", "drift_text")}
+    options = {k: v for k, v in asdict(opts).items() if k not in DRIFT_OPTIONS}
     key = digest({
         "fingerprint": fp,
         "records": [[r.case_id, r.request.to_dict(), r.locality_answers, r.portability] for r in records],
