@@ -189,64 +189,79 @@ def insert(
     cfg.null_space, AlphaEdit's solve (pmet/null_space.py) replaces Eq. 9's, with `projectors` P per (layer,
     component) and `earlier_keys` K_p K_pᵀ of earlier batches of a sequential run."""
     L = cfg.L
+    _check_residual_rule(cfg, layout)
     rows = key_rows(tok, requests, templates)
-    n_t = len(flat(templates))
-    bare = torch.arange(len(requests)) * n_t  # the '{}' template is first in each request's block
+    bare = torch.arange(len(requests)) * len(flat(templates))  # the '{}' template is first in each request's block
     components = list(cfg.update_modules)  # at each layer, in the order the config lists them
     value_site = {
         "ffn": Site(layout.ffn_out(L) if cfg.target_site == "components" else layout.layer(L), "out"),
         "attn": Site(layout.attn_out(L), "out"),
     }
     stream = Site(layout.layer(L), "out")
-    if cfg.residual == "stream" and cfg.target_site == "components" and layout.spec.post_norms:
-        raise ConfigError("config field 'residual': 'stream' is not defined for architectures that normalise the "
-                          "FFN output before the residual add (Gemma 3); use 'value'")
     bare_rows = [rows[int(i)] for i in bare]
     preimage = cfg.post_norm_residual == "preimage" and bool(layout.spec.post_norms)
 
-    def read_bare(sites: list[Site]) -> dict[Site, torch.Tensor]:
-        return read_at_subject(model, bare_rows, list(dict.fromkeys(sites)), pad_id=tok.pad_token_id,
-                               batch_size=batch_size, stop_after=stream.module)
+    def read(rows_: list, sites: list[Site], stop: Site) -> dict[Site, torch.Tensor]:
+        return read_at_subject(model, rows_, list(dict.fromkeys(sites)), pad_id=tok.pad_token_id,
+                               batch_size=batch_size, stop_after=stop.module)
 
-    before = read_bare([stream, *(value_site[c] for c in components)])
+    before = read(bare_rows, [stream, *(value_site[c] for c in components)], stream)
     intended = sum(_stream_space(model, layout, cfg, c, _target(targets, c).to(before[stream].device))
                    - _stream_space(model, layout, cfg, c, before[value_site[c]]) for c in components)
     updates: list[LayerUpdate] = []
     for l in cfg.layers:
         for comp in components:
-            V = _target(targets, comp)
             key_site = Site(layout.edited_module(l, comp), "in")
-            # the residual's site: the value site (paper) or the layer-L stream (residual="stream"), read in the
-            # same pass as the keys
+            # the residual's site: the value site (paper) or the layer-L stream (residual="stream")
             r_site = stream if cfg.residual == "stream" else value_site[comp]
             m_site = Site(layout.ffn_out(l), "out")  # the pre-norm FFN output, for the preimage
-            got = read_at_subject(model, rows, [key_site, r_site, *([m_site] if preimage else [])],
-                                  pad_id=tok.pad_token_id, batch_size=batch_size, stop_after=r_site.module)
+            got = read(rows, [key_site, r_site, *([m_site] if preimage else [])], r_site)
             K = average_two_stage(got[key_site], templates)  # (n, d_in)
             current = got[r_site][bare.to(got[r_site].device)]  # (n, d)
             R = (intended - (current - before[stream]) if cfg.residual == "stream"
-                 else V.to(current.device) - current)
-            R = R / spread(L, l, cfg.spread)
+                 else _target(targets, comp).to(current.device) - current) / spread(L, l, cfg.spread)
             if preimage:  # R is a move of the stream; write the pre-norm change that makes it (docstring)
-                m = got[m_site][bare.to(current.device)]
-                norm = model.get_submodule(layout.post_norm(l, "ffn"))
-                R = post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
-            if cfg.null_space:
-                U, V = null_space.solve_factors(R.T, K.T, projectors[(l, comp)], (earlier_keys or {}).get((l, comp)),
-                                                cfg.null_space_l2)
-            else:
-                U, V = solve_factors(R.T, K.T, c0[(l, comp)], cfg.mom2_update_weight)
-            name = layout.edited_module(l, comp)
-            W = get_weight(model, name)
-            with torch.no_grad():
-                stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
-                W.add_(stored)
-            factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
-            updates.append(LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(),
-                                       float(R.norm(dim=-1).mean()), factors,
-                                       K.detach().cpu().clone() if cfg.null_space else None))
-    realised = read_bare([stream])[stream] - before[stream]
+                R = _preimage_residual(model, layout, l, got[m_site][bare.to(current.device)], R)
+            U, V = _solve(cfg, (l, comp), R, K, c0, projectors, earlier_keys)
+            updates.append(_write(model, layout, l, comp, U, V, R, K if cfg.null_space else None))
+    realised = read(bare_rows, [stream], stream)[stream] - before[stream]
     return updates, StreamCheck.measure(intended, realised)
+
+
+def _check_residual_rule(cfg: PMETConfig, layout: ModelLayout) -> None:
+    if cfg.residual == "stream" and cfg.target_site == "components" and layout.spec.post_norms:
+        raise ConfigError("config field 'residual': 'stream' is not defined for architectures that normalise the "
+                          "FFN output before the residual add (Gemma 3); use 'value'")
+
+
+def _preimage_residual(model: PreTrainedModel, layout: ModelLayout, l: int, m: torch.Tensor, R: torch.Tensor
+                       ) -> torch.Tensor:
+    """The pre-norm change of layer l's FFN output m that moves the stream by R (post_norm_residual="preimage")."""
+    norm = model.get_submodule(layout.post_norm(l, "ffn"))
+    return post_norm_preimage(m, R, norm_gain(norm, m.shape[-1])) - m
+
+
+def _solve(cfg: PMETConfig, site: tuple[int, str], R: torch.Tensor, K: torch.Tensor,
+           c0: dict[tuple[int, str], torch.Tensor], projectors: dict[tuple[int, str], torch.Tensor] | None,
+           earlier_keys: dict[tuple[int, str], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ = U Vᵀ at one (layer, component): Eq. 9, or AlphaEdit's solve with cfg.null_space. R: (n, d), K: (n, d_in)."""
+    if cfg.null_space:
+        return null_space.solve_factors(R.T, K.T, projectors[site], (earlier_keys or {}).get(site),
+                                        cfg.null_space_l2)
+    return solve_factors(R.T, K.T, c0[site], cfg.mom2_update_weight)
+
+
+def _write(model: PreTrainedModel, layout: ModelLayout, l: int, comp: str, U: torch.Tensor, V: torch.Tensor,
+           R: torch.Tensor, keys: torch.Tensor | None) -> LayerUpdate:
+    """W_l += U Vᵀ in the weight's stored layout and dtype; the LayerUpdate that records it (and `keys`, if kept)."""
+    name = layout.edited_module(l, comp)
+    W = get_weight(model, name)
+    with torch.no_grad():
+        stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
+        W.add_(stored)
+    factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
+    return LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(), float(R.norm(dim=-1).mean()), factors,
+                       None if keys is None else keys.detach().cpu().clone())
 
 
 def _target(targets: Targets, comp: str) -> torch.Tensor:
