@@ -356,43 +356,16 @@ def compute_c0(
     spec = parse_corpus(corpus)
     layout = layout_of(model)
     layers = sorted(set(layers))
-    if not layers:
-        raise ValueError("compute_c0: no layers requested")
-    if component not in ("ffn", "attn"):
-        raise ValueError(f"compute_c0: component must be 'ffn' or 'attn', not '{component}'")
-    bad = [l for l in layers if not 0 <= l < layout.n_layers]
-    if bad:
-        raise ValueError(f"compute_c0: layers {bad} out of range (model has {layout.n_layers})")
-    if n_tokens <= 0:
-        raise ValueError(f"compute_c0: n_tokens must be positive, not {n_tokens}")
+    _check_c0_request(layout.n_layers, layers, component, n_tokens)
     limit = _max_positions(model)
     if limit is not None and seq_len > limit:
         log.info("seq_len %d exceeds the model's %d positions; using %d", seq_len, limit, limit)
         seq_len = limit
     names = {l: layout.edited_module(l, component) for l in layers}
-    stop_after = names[layers[-1]]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    sums: dict[int, torch.Tensor] = {}
-    counted = 0
     texts = iter_corpus_texts(spec, model, tok, seed=seed, n_tokens=n_tokens)
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="C0 keys", disable=not progress) as bar:
-        for ids, mask in iter_batches(texts, tok, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id):
-            remaining = n_tokens - counted
-            # Drop whole rows the count no longer needs (only ever in the last batch).
-            rows = int(torch.searchsorted(mask.sum(1).cumsum(0), remaining)) + 1
-            ids, mask = ids[:rows], mask[:rows]
-            keys = batch_keys(model, ids, mask, list(names.values()), stop_after=stop_after)
-            take = min(remaining, int(mask.sum()))
-            for l, name in names.items():
-                k = keys[name][:take].to(torch.float64)
-                if l not in sums:
-                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
-                sums[l].addmm_(k.T, k)
-            counted += take
-            bar.update(take)
-            if counted >= n_tokens:
-                break
+    batches = iter_batches(texts, tok, seq_len=seq_len, batch_size=batch_size, pad_id=pad_id)
+    sums, counted = _key_gram_sums(model, batches, names, n_tokens, progress)
     if counted == 0:
         raise CorpusError(f"corpus '{spec}': empty (no text to read statistics from)")
     if counted < n_tokens:
@@ -414,6 +387,45 @@ def compute_c0(
     )
     log.info("C0 for layers %s from %d tokens of %s in %.1f s", layers, counted, spec, info.seconds)
     return c0, info
+
+
+def _check_c0_request(n_layers: int, layers: list[int], component: str, n_tokens: int) -> None:
+    if not layers:
+        raise ValueError("compute_c0: no layers requested")
+    if component not in ("ffn", "attn"):
+        raise ValueError(f"compute_c0: component must be 'ffn' or 'attn', not '{component}'")
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"compute_c0: layers {bad} out of range (model has {n_layers})")
+    if n_tokens <= 0:
+        raise ValueError(f"compute_c0: n_tokens must be positive, not {n_tokens}")
+
+
+def _key_gram_sums(model: PreTrainedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   names: dict[int, str], n_tokens: int, progress: bool) -> tuple[dict[int, torch.Tensor], int]:
+    """Σ k kᵀ (float64) per layer over the first `n_tokens` non-padding tokens of `batches` (fewer if they run out),
+    one forward per batch stopping after the highest layer's module; returns the sums and the tokens counted."""
+    sums: dict[int, torch.Tensor] = {}
+    counted = 0
+    stop_after = names[max(names)]
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="C0 keys", disable=not progress) as bar:
+        for ids, mask in batches:
+            remaining = n_tokens - counted
+            # Drop whole rows the count no longer needs (only ever in the last batch).
+            rows = int(torch.searchsorted(mask.sum(1).cumsum(0), remaining)) + 1
+            ids, mask = ids[:rows], mask[:rows]
+            keys = batch_keys(model, ids, mask, list(names.values()), stop_after=stop_after)
+            take = min(remaining, int(mask.sum()))
+            for l, name in names.items():
+                k = keys[name][:take].to(torch.float64)
+                if l not in sums:
+                    sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
+                sums[l].addmm_(k.T, k)
+            counted += take
+            bar.update(take)
+            if counted >= n_tokens:
+                break
+    return sums, counted
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -462,6 +474,16 @@ def _save_atomic(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> 
     atomic_write(path, lambda tmp: safetensors.torch.save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata))
 
 
+def _save_c0(path: Path, c0: torch.Tensor, info: StatsInfo, module: str, fingerprint: str) -> None:
+    """Cache one layer's C0 with what it was computed from; a cache that cannot be written is reported, not fatal."""
+    meta = {"n_tokens": str(info.n_tokens), "corpus": info.corpus, "corpus_kind": info.corpus_kind,
+            "module": module, "dtype": info.dtype, "fingerprint": fingerprint, "seq_len": str(info.seq_len)}
+    try:
+        _save_atomic(path, c0, meta)
+    except OSError as e:
+        log.warning("cannot write the statistics cache %s (%s); continuing without it", path, e)
+
+
 def get_c0(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -504,19 +526,7 @@ def get_c0(
     if missing:
         computed, cinfo = compute_c0(model, tok, missing, spec, n_tokens, component=component, **kw)
         for l in missing:
-            meta = {
-                "n_tokens": str(cinfo.n_tokens),
-                "corpus": cinfo.corpus,
-                "corpus_kind": cinfo.corpus_kind,
-                "module": names[l],
-                "dtype": dtype,
-                "fingerprint": fp,
-                "seq_len": str(cinfo.seq_len),
-            }
-            try:
-                _save_atomic(paths[l], computed[l], meta)
-            except OSError as e:
-                log.warning("cannot write the statistics cache %s (%s); continuing without it", paths[l], e)
+            _save_c0(paths[l], computed[l], cinfo, names[l], fp)
             c0[l] = computed[l]
     else:
         log.info("C0 for layers %s loaded from %s", layers, folder)
