@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,23 @@ def _diagnostics(result: Any) -> dict[str, float]:
             "delta_m_over_init": sum(d.delta_m_norm / d.init_m_norm for d in diags) / n}
 
 
+def _write_run(folder: Path, summary: dict[str, Any], records: list[EvalRecord], before: list[dict],
+               after: list[dict], points: Curve | None) -> None:
+    """The files of a run (the module docstring's list) into `folder`."""
+    with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
+        for rec, b, a in zip(records, before, after, strict=True):
+            f.write(json.dumps({"case_id": rec.case_id, "request": rec.request.to_dict(),
+                                "unedited": b, "edited": a}) + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (folder / "summary.md").write_text(markdown_table([summary]) + "\n", encoding="utf-8")
+    plot_metrics(summary, str(folder / "metrics.png"))
+    plot_margins(records, before, after, summary["method"], str(folder / "margins.png"))
+    if points is not None:
+        curve_data = points.to_dict(summary)
+        (folder / "curve.json").write_text(json.dumps(curve_data, indent=1), encoding="utf-8")
+        plot_curves([curve_data], str(folder / "curve.png"))
+
+
 def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig, out_dir: str | Path, *,
              label: str | None = None, opts: EvalOptions | None = None, sequential_batches: int | None = None,
              target_cache: bool = True, cache_dir: str | os.PathLike | None = None, corpus: str | None = None,
@@ -176,34 +194,16 @@ def run_eval(lm: Any, records: list[EvalRecord], method: str, config: PMETConfig
 
     metrics_before, metrics_after = summarize(before), summarize(after)
     _not_measured(metrics_before, metrics_after, records, opts, drift)
-    stops: dict[str, int] = {}
-    for d in result.targets.diagnostics:
-        stops[d.stop] = stops.get(d.stop, 0) + 1
     summary = {
         "method": label or method, "base_method": method, "model": lm.name, "dataset": records[0].dataset,
         "data_format": records[0].data_format, "n": len(records), "sequential_batches": sequential_batches,
         "metrics": metrics_after, "unedited": {"metrics": metrics_before}, "timings": timings,
-        "delta_norms": result.delta_norms(), "target_stops": stops, "target_diagnostics": _diagnostics(result),
-        "stream_check": result.stream_check,
+        "delta_norms": result.delta_norms(), "target_stops": dict(Counter(d.stop for d in result.targets.diagnostics)),
+        "target_diagnostics": _diagnostics(result), "stream_check": result.stream_check,
         "config": config.to_dict(), "eval_options": asdict(opts), "case_ids": [r.case_id for r in records],
         "resumed_edits": resumed, "curve_points": len(points.points) if points else None, **(extra or {}),
     }
-
-    def write_run(folder: Path) -> None:
-        with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
-            for rec, b, a in zip(records, before, after, strict=True):
-                f.write(json.dumps({"case_id": rec.case_id, "request": rec.request.to_dict(),
-                                    "unedited": b, "edited": a}) + "\n")
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        (folder / "summary.md").write_text(markdown_table([summary]) + "\n", encoding="utf-8")
-        plot_metrics(summary, str(folder / "metrics.png"))
-        plot_margins(records, before, after, summary["method"], str(folder / "margins.png"))
-        if points is not None:
-            curve_data = points.to_dict(summary)
-            (folder / "curve.json").write_text(json.dumps(curve_data, indent=1), encoding="utf-8")
-            plot_curves([curve_data], str(folder / "curve.png"))
-
-    outputs.write({out: write_run})
+    outputs.write({out: lambda folder: _write_run(folder, summary, records, before, after, points)})
     if progress_file is not None:
         progress_file.unlink(missing_ok=True)
         progress_file.with_suffix(".curve.json").unlink(missing_ok=True)
