@@ -38,10 +38,11 @@ import torch
 
 from pmet.arch import layout_of
 from pmet.config import load_config, parse_overrides
+from pmet.corpus import parse_corpus
 from pmet.editor import context_templates_for
 from pmet.models import fingerprint, load_model
 from pmet.requests import load_requests
-from pmet.stats import compute_c0, parse_corpus
+from pmet.stats import compute_c0
 from pmet.targets import compute_targets
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -27,6 +27,7 @@ from transformers import GenerationConfig
 
 from pmet import sampling
 from pmet.arch import layout_of, unembed
+from pmet.corpus import SELF_NEW_TOKENS, SELF_STARTS, SELF_TOP_K, iter_corpus_texts
 from pmet.evaluation.data import load_eval_records
 from pmet.evaluation.evaluate import CPU_BATCH_SIZES, _cf_rows, _wild_prompts
 from pmet.evaluation.generation import generate
@@ -35,7 +36,6 @@ from pmet.evaluation.wild import CONTEXTS, context_ids, greedy
 from pmet.hooks import Trace
 from pmet.models import load_model
 from pmet.prompts import pad_left, pad_right
-from pmet.stats import SELF_NEW_TOKENS, SELF_STARTS, SELF_TOP_K, iter_corpus_texts
 
 DATA = Path(os.environ.get("PMET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

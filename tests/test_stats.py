@@ -1,4 +1,5 @@
-"""C0 = E[k kᵀ] (Eq. 9): pmet.stats on tiny random models built offline, with a tiny byte-level BPE."""
+"""C0 = E[k kᵀ] (Eq. 9): pmet.stats and its corpora (pmet.corpus) on tiny random models built offline, with a
+tiny byte-level BPE."""
 
 from __future__ import annotations
 
@@ -12,18 +13,10 @@ import safetensors.torch
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pmet import stats
+from pmet import corpus, stats
+from pmet.corpus import CorpusSpec, iter_batches, iter_corpus_texts, parse_corpus
 from pmet.errors import CorpusError
-from pmet.stats import (
-    CorpusSpec,
-    batch_keys,
-    c0_from_keys,
-    compute_c0,
-    get_c0,
-    iter_batches,
-    iter_corpus_texts,
-    parse_corpus,
-)
+from pmet.stats import batch_keys, c0_from_keys, compute_c0, get_c0
 
 from .tiny import SENTENCES, tiny_tokenizer
 
@@ -281,11 +274,11 @@ def test_corpus_id_tracks_file_changes(tmp_path):
     p = tmp_path / "a.txt"
     p.write_text("one line\n")
     spec = parse_corpus(str(p))
-    first = stats.corpus_id(spec)
+    first = corpus.corpus_id(spec)
     assert first.startswith("a.txt-") and len(first.split("-")[-1]) == 12
     p.write_text("another, longer line\n")
-    assert stats.corpus_id(spec) != first
-    assert stats.corpus_id(CorpusSpec("self", "self"), seed=3) == "self-rows1-seed3"
+    assert corpus.corpus_id(spec) != first
+    assert corpus.corpus_id(CorpusSpec("self", "self"), seed=3) == "self-rows1-seed3"
 
 
 # ------------------------------------------------------------------------------------------------ corpora
@@ -324,29 +317,29 @@ def test_parse_corpus_kinds(tmp_path, monkeypatch, caplog):
     assert spec.kind == "file"
     assert list(iter_corpus_texts(spec, None, None)) == ["second\n", "first\n", "third\n"]
     assert parse_corpus("self") == CorpusSpec("self", "self")
-    monkeypatch.setattr(stats, "_hf_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pmet.stats"):
+    monkeypatch.setattr(corpus, "_hf_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="pmet.corpus"):
         assert parse_corpus("auto") == CorpusSpec("self", "self")
     assert any("self" in r.message for r in caplog.records)
     with pytest.raises(CorpusError, match="datasets"):
         parse_corpus("hf:wikitext:wikitext-2-raw-v1")
-    monkeypatch.setattr(stats, "_hf_available", lambda: True)
+    monkeypatch.setattr(corpus, "_hf_available", lambda: True)
     assert parse_corpus("hf:wikitext:wikitext-2-raw-v1") == CorpusSpec("hf", "wikitext:wikitext-2-raw-v1")
-    assert stats._split_hf("wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1", "train")
+    assert corpus._split_hf("wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1", "train")
 
 
 def test_self_corpus_exact_count_and_deterministic(llama, tok, monkeypatch):
     _, info = compute_c0(llama, tok, [1], "self", 300, seq_len=64, batch_size=4, seed=5, progress=False)
     assert info.n_tokens == 300 and info.corpus_kind == "self" and info.corpus == "self"
-    monkeypatch.setattr(stats, "SELF_NEW_TOKENS", 40)  # shorter generations for the repeats below
+    monkeypatch.setattr(corpus, "SELF_NEW_TOKENS", 40)  # shorter generations for the repeats below
     c0, _ = compute_c0(llama, tok, [1], "self", 300, seq_len=64, batch_size=4, seed=5, progress=False)
     again, _ = compute_c0(llama, tok, [1], "self", 300, seq_len=64, batch_size=4, seed=5, progress=False)
     assert torch.equal(c0[1], again[1])
     other, _ = compute_c0(llama, tok, [1], "self", 300, seq_len=64, batch_size=4, seed=6, progress=False)
     assert not torch.equal(c0[1], other[1])
     # the texts do not depend on how many are sampled at a time
-    rows1 = stats._iter_self_texts(llama, tok, 5, rows=1)
-    assert [next(rows1) for _ in range(6)] == list(itertools.islice(stats._iter_self_texts(llama, tok, 5, 4), 6))
+    rows1 = corpus._iter_self_texts(llama, tok, 5, rows=1)
+    assert [next(rows1) for _ in range(6)] == list(itertools.islice(corpus._iter_self_texts(llama, tok, 5, 4), 6))
     # sampling must not disturb the caller's RNG stream
     torch.manual_seed(0)
     expected = torch.rand(3)
