@@ -106,8 +106,8 @@ def plot_margins(records: list, before: list[dict], after: list[dict], label: st
 
 
 def plot_curves(curves: list[dict[str, Any]], path: str) -> None:
-    """Efficacy, generalization, specificity (%, 95% CI bands) and perplexity against the number of edits, one
-    line per curve (curve.py's curve.json); panels without data in any curve are left out."""
+    """Efficacy, generalization, specificity (%, 95% CI bands) and perplexity (log scale) against the number of
+    edits, one line per curve (curve.py's curve.json); panels without data in any curve are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +129,9 @@ def plot_curves(curves: list[dict[str, Any]], path: str) -> None:
                             [min(top, a + b) for a, b in zip(y, ci, strict=True)], alpha=0.15)
         ax.set_title(key)
         ax.set_xlabel("edits")
-        ax.set_ylabel("perplexity" if key == "perplexity" else "% (mean ± 95% CI)")
+        ax.set_ylabel("perplexity (log scale)" if key == "perplexity" else "% (mean ± 95% CI)")
+        if key == "perplexity":
+            ax.set_yscale("log")  # a collapse multiplies it by 10–100
     axes[0][0].legend(fontsize=8)
     first = curves[0]
     fig.suptitle(f"{first['model']} — {first['dataset']}, sequential batches of {first['step_size']}", fontsize=10)
