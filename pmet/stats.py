@@ -89,13 +89,13 @@ def _model_dtype(model: PreTrainedModel) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def _max_positions(model: PreTrainedModel) -> int | None:
-    cfg = model.config
+def _usable_seq_len(model: PreTrainedModel, seq_len: int) -> int:
+    """`seq_len`, capped at the model's number of positions where its config states one."""
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, name, None)
+        v = getattr(model.config, name, None)
         if isinstance(v, int) and v > 0:
-            return v
-    return None
+            return min(seq_len, v)
+    return seq_len
 
 
 def compute_c0(
@@ -120,10 +120,10 @@ def compute_c0(
     layout = layout_of(model)
     layers = sorted(set(layers))
     _check_c0_request(layout.n_layers, layers, component, n_tokens)
-    limit = _max_positions(model)
-    if limit is not None and seq_len > limit:
-        log.info("seq_len %d exceeds the model's %d positions; using %d", seq_len, limit, limit)
-        seq_len = limit
+    usable = _usable_seq_len(model, seq_len)
+    if usable < seq_len:
+        log.info("seq_len %d exceeds the model's %d positions; using %d", seq_len, usable, usable)
+        seq_len = usable
     names = {l: layout.edited_module(l, component) for l in layers}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     texts = iter_corpus_texts(spec, model, tok, seed=seed, n_tokens=n_tokens)
@@ -254,10 +254,7 @@ def get_c0(
     layers = sorted(set(layers))
     fp = fingerprint or model_fingerprint(model)
     dtype = _model_dtype(model)
-    seq_len = kw.get("seq_len", DEFAULT_SEQ_LEN)
-    limit = _max_positions(model)
-    if limit is not None:
-        seq_len = min(seq_len, limit)
+    seq_len = _usable_seq_len(model, kw.get("seq_len", DEFAULT_SEQ_LEN))  # as compute_c0 will use it
     cid = corpus_id(spec, seed=kw.get("seed", 0))
     folder = cache_root(cache_dir) / "stats" / fp
     names = {l: layout.edited_module(l, component) for l in layers}

@@ -223,7 +223,8 @@ def insert(
             if preimage:  # R is a move of the stream; write the pre-norm change that makes it (docstring)
                 R = _preimage_residual(model, layout, l, got[m_site][bare.to(current.device)], R)
             U, V = _solve(cfg, (l, comp), R, K, c0, projectors, earlier_keys)
-            updates.append(_write(model, layout, l, comp, U, V, R, K if cfg.null_space else None))
+            updates.append(_write(model, layout, l, comp, U, V, float(R.norm(dim=-1).mean()),
+                                  K if cfg.null_space else None))
     realised = read(bare_rows, [stream], stream)[stream] - before[stream]
     return updates, StreamCheck.measure(intended, realised)
 
@@ -252,7 +253,7 @@ def _solve(cfg: PMETConfig, site: tuple[int, str], R: torch.Tensor, K: torch.Ten
 
 
 def _write(model: PreTrainedModel, layout: ModelLayout, l: int, comp: str, U: torch.Tensor, V: torch.Tensor,
-           R: torch.Tensor, keys: torch.Tensor | None) -> LayerUpdate:
+           residual_norm: float, keys: torch.Tensor | None) -> LayerUpdate:
     """W_l += U Vᵀ in the weight's stored layout and dtype; the LayerUpdate that records it (and `keys`, if kept)."""
     name = layout.edited_module(l, comp)
     W = get_weight(model, name)
@@ -260,7 +261,7 @@ def _write(model: PreTrainedModel, layout: ModelLayout, l: int, comp: str, U: to
         stored, factors = stored_delta(U, V, W, layout.spec.conv1d)
         W.add_(stored)
     factors = None if factors is None else (factors[0].cpu(), factors[1].cpu())
-    return LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(), float(R.norm(dim=-1).mean()), factors,
+    return LayerUpdate(f"{name}.weight", l, comp, stored.float().cpu(), residual_norm, factors,
                        None if keys is None else keys.detach().cpu().clone())
 
 
