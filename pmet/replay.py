@@ -188,6 +188,18 @@ class LayerReplay:
             hidden = out[0] if isinstance(out, tuple | list) else out
         return hidden
 
+    def to(self, dtype: torch.dtype) -> None:
+        """Hold the replay's floating inputs (hidden state, clean keys/values, rotary tables, additive masks) in
+        `dtype`, converted once instead of at every step."""
+        self.hidden = self.hidden.to(dtype)
+        if self.cap is not None:
+            self.cap.calls = {i: (_cast(a, dtype), _cast(k, dtype)) for i, (a, k) in self.cap.calls.items()}
+            return
+        self.calls = {i: {k: v if isinstance(v, SuffixCache) else _cast(v, dtype) for k, v in c.items()}
+                      for i, c in self.calls.items()}
+        self.cache.keys = {i: k.to(dtype) for i, k in self.cache.keys.items()}
+        self.cache.values = {i: v.to(dtype) for i, v in self.cache.values.items()}
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (the others' requests have stopped)."""
         batch = self.hidden.shape[0]
@@ -206,6 +218,18 @@ def _unknown_sequence_input(call: dict[str, Any], length: int) -> bool:
     return "cache_position" in call or any(
         isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == length and k not in _POSITIONAL
         for k, v in call.items() if k not in ("hidden_states", "attention_mask"))
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (nested in tuples and dicts) in `dtype`; an additive mask's "blocked" value (float32's
+    lowest, which rounds to -inf in bfloat16) stays finite."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(dtype).clamp_min(torch.finfo(dtype).min)
+    if isinstance(x, tuple):
+        return tuple(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
 
 
 def _positional(value: Any, where: torch.Tensor) -> Any:

@@ -30,6 +30,7 @@ from .arch import ModelLayout, logits_from_hidden
 from .config import PMETConfig
 from .context import ContextTemplates, flat
 from .hooks import LayerInputs, Trace
+from .precision import attention_kernel, replay_precision
 from .prompts import Encoded, compose, encode, pad_right, target_ids
 from .replay import LayerReplay, RecordKeyValues
 from .requests import EditRequest
@@ -150,6 +151,18 @@ def optimise_batch(
     m_site = layout.ffn_out(cfg.L) if components else layout.layer(cfg.L)
     a_site = layout.attn_out(cfg.L) if components and cfg.attn_delta else None
     passes, init = _record(model, tok, layout, plan, rows, [m_site] + ([a_site] if a_site else []), cfg)
+    layers = model.get_submodule(layout.spec.layers)
+    with replay_precision(cfg.v_compute_dtype, layers, cfg.L, [ps.replay for ps in passes]):
+        return _adam_steps(model, layout, rows, passes, init, (m_site, a_site), len(flat(templates)), cfg, on_step)
+
+
+def _adam_steps(model: PreTrainedModel, layout: ModelLayout, rows: _Rows, passes: list[_Pass],
+                init: dict[str, torch.Tensor], sites: tuple[str, str | None], n_prompts: int, cfg: PMETConfig,
+                on_step: Callable[[int], object]) -> Targets:
+    """The optimisation proper: Adam on δm (and δa) from zero, each step replaying the passes with the deltas added,
+    the Eq. 10 loss, the stopping rules, the norm clamp; finished requests keep their deltas and leave the passes."""
+    device, n_req = rows.req.device, len(rows.first)
+    m_site, a_site = sites
     m0 = init[m_site][rows.first]  # unperturbed values at the bare prompt (the first template)
     a0 = init[a_site][rows.first] if a_site else None
 
@@ -158,16 +171,15 @@ def optimise_batch(
     params = [delta_m] + ([delta_a] if a_site else [])
     opt = torch.optim.Adam(params, lr=cfg.v_lr)
     edits = {m_site: delta_m} | ({a_site: delta_a} if a_site else {})
-    state = _StopState(len(requests), cfg, device)
-    n_prompts = len(flat(templates))
+    state = _StopState(n_req, cfg, device)
     kl_init = None  # (n_req, vocab) log P_orig on each request's KL prompt, from step 0 (all deltas zero)
 
     for it in range(cfg.v_num_grad_steps):
-        on_step(len(requests))
+        on_step(n_req)
         opt.zero_grad(set_to_none=True)
         nll_states, kl_states = _replay_passes(model, passes, edits, rows, cfg, device)
         if kl_init is None:
-            kl_init = _kl_log_probs(model, layout, kl_states, rows, len(requests)).detach()
+            kl_init = _kl_log_probs(model, layout, kl_states, rows, n_req).detach()
         loss, parts = _eq10_loss(model, layout, rows, nll_states, kl_states, kl_init, (delta_m, m0), (delta_a, a0),
                                  state.nll_factor, cfg, n_prompts)
         finishing = state.update(loss, parts, last_step=it == cfg.v_num_grad_steps - 1)
@@ -186,7 +198,7 @@ def optimise_batch(
         if bool(finishing.any()):  # drop finished requests' rows from the replayed passes
             for ps in passes:
                 ps.keep(~state.done[rows.req[ps.rows]])
-    on_step(len(requests) * (cfg.v_num_grad_steps - 1 - it))  # the unused budget of a batch that stopped early
+    on_step(n_req * (cfg.v_num_grad_steps - 1 - it))  # the unused budget of a batch that stopped early
     return _targets(m0, delta_m.detach(), a0, delta_a.detach() if delta_a is not None else None, state)
 
 
@@ -317,8 +329,8 @@ def _replay_passes(model: PreTrainedModel, passes: list[_Pass], edits: dict[str,
         if not len(ps.rows):
             continue
         hooks = {site: _adder(delta, ps, rows) for site, delta in edits.items()}
-        with Trace(model, edits=hooks), _autocast(device, cfg.v_compute_dtype):
-            h = ps.replay(ps.replay.hidden)
+        with Trace(model, edits=hooks), attention_kernel(device, cfg.v_compute_dtype):
+            h = ps.replay(ps.replay.hidden).float()
         where = torch.full((rows.n_rows,), -1, dtype=torch.long, device=device)  # batch row -> row of h
         where[ps.rows] = torch.arange(len(ps.rows), device=device)
         t = torch.nonzero(where[rows.nll_row] >= 0).flatten()
@@ -434,13 +446,6 @@ def _targets(m0: torch.Tensor, delta_m: torch.Tensor, a0: torch.Tensor | None, d
         for i in range(len(m0))
     ]
     return Targets(ffn=m0 + delta_m, attn=a0 + delta_a if delta_a is not None else None, diagnostics=diags)
-
-
-def _autocast(device: torch.device, dtype: str):
-    """Mixed precision for the optimisation steps only (`v_compute_dtype`); float32 runs as the paper."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:

@@ -89,8 +89,32 @@ def test_replayed_positions_count_what_the_recorded_passes_replay(replay):
         assert held < replayed_positions(tok, REQUESTS, TEMPLATES, cfg.replace(replay="full"), cpu)
 
 
-def test_suffix_replay_under_bfloat16_autocast():
-    """The clean prefix (float32) is cast to the suffix's dtype; targets stay close to the full replay's."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_replay_runs_in_bfloat16_and_restores_the_weights(arch):
+    """`v_compute_dtype: bfloat16`: every replayed layer sees bfloat16 states and weights (forward and backward in
+    bfloat16), the model's tensors are bit-identical afterwards, and the targets stay near the float32 ones."""
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    layout = layout_of(model)
+    layers = model.get_submodule(layout.spec.layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = set()
+    hooks = [layers[i].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.add((next(m.parameters()).dtype,
+                                          (args[0] if args else kwargs["hidden_states"]).dtype)), with_kwargs=True)
+        for i in range(2, len(layers))]
+    low = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for(v_compute_dtype="bfloat16"))
+    for h in hooks:
+        h.remove()
+    assert (torch.bfloat16, torch.bfloat16) in seen  # the optimisation steps
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    full = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for())
+    assert low.ffn.dtype == torch.float32 and torch.isfinite(low.ffn).all()
+    rel = (low.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
+    assert float(rel.max()) < 0.1
+
+
+def test_bfloat16_suffix_replay_matches_the_bfloat16_full_replay():
+    """The clean prefix is converted with the suffix; targets stay close to the full replay's in bfloat16."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
     layout = layout_of(model)
     full = compute_targets(model, tok, layout, REQUESTS, TEMPLATES, cfg_for(replay="full", v_compute_dtype="bfloat16"))
