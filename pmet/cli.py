@@ -53,7 +53,7 @@ def edit(
     set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
     seed: int | None = typer.Option(None, help="Seed of the context templates and self-sampled corpora."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
-    v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
+    v_dtype: str | None = typer.Option(None, help="Dtype of layers L..N-1 in the target optimisation."),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
     cache_dir: Path | None = typer.Option(None, help="Cache folder (default $PMET_CACHE_DIR or ~/.cache/pmet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

@@ -70,7 +70,7 @@ class PMETConfig:
     v_rows_per_pass: int = 64  # prompts replayed together; rows are grouped by length to limit padding
     batch_sizing: str = "auto"  # "auto": on a CUDA device, v_batch_size / v_rows_per_pass grow to fill free memory
     #                             (pmet/sizing.py); "fixed": the values above everywhere (always so on a CPU)
-    v_compute_dtype: str = "float32"  # "bfloat16": autocast the optimisation steps (faster on CPUs with BF16)
+    v_compute_dtype: str = "float32"  # "bfloat16": replay layers L..N-1 in bf16 (pmet.precision; faster on BF16 CPUs)
     replay: str = "suffix"  # each step replays layers L..N-1 at positions ≥ the subject's last token only
     #                         (same targets, pmet/replay.py); "full": at every position (for cross-checks)
     # Weight update (Eq. 8, 9, 11)

@@ -60,7 +60,7 @@ def eval_command(
     stats_tokens: int | None = typer.Option(None, help="Tokens for C0 (default: the preset's mom2_n_tokens)."),
     layers: str | None = typer.Option(None, help="Override the edited layers, e.g. 3,4,5,6,7."),
     set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
-    v_dtype: str | None = typer.Option(None, help="Autocast dtype of the target optimisation (bfloat16: faster)."),
+    v_dtype: str | None = typer.Option(None, help="Dtype of layers L..N-1 in the target optimisation."),
     seed: int = typer.Option(0, help="Seed of context templates and generation sampling."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto (GPU if present), cpu, cuda, cuda:N."),
