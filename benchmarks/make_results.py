@@ -4,6 +4,10 @@
     python benchmarks/make_results.py --paired RUN_A RUN_B   # B − A on the records both runs edited
     python benchmarks/make_results.py --curves OUT.png RUN...  # sequential runs' curves (curve.json): one figure,
                                                              # and a table of the points
+    python benchmarks/make_results.py --digest RUN OUT.json  # a run's summary, curve and per-record metrics in one
+                                                             # small file, usable as RUN by --paired and --curves
+
+A run is a run folder, or the digest of one (docs/results/*.json: the long runs' folders are not kept).
 
 prints, for each (model, dataset, edits) group of runs, the Markdown results table (unedited model first), then
 one table of stage timings, one of Δ norms per edited matrix and one of paired differences against PMET (same
@@ -103,7 +107,9 @@ def protocols(runs_: list[dict]) -> None:
 
 
 def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
-    """case id -> the record's mean of each paired metric on the edited model (records.jsonl)."""
+    """case id -> the record's mean of each paired metric on the edited model (records.jsonl, or a digest)."""
+    if run_dir.is_file():
+        return {int(k): v for k, v in json.loads(run_dir.read_text())["per_record"].items()}
     out = {}
     for line in (run_dir / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -124,11 +130,15 @@ def _paired_cells(ref: dict[int, dict[str, float]], other: dict[int, dict[str, f
     return cells
 
 
+def _name(run: Path) -> str:
+    return run.stem if run.is_file() else run.name
+
+
 def paired_runs(a: Path, b: Path) -> None:
     """B − A per record on the records both runs edited (e.g. the same method at 100 and at 947 edits)."""
     ref, other = _per_record(a), _per_record(b)
     shared = len(set(ref) & set(other))
-    print(f"Paired differences {b.name} − {a.name} on the {shared} records both edited (×100, 95% interval):\n")
+    print(f"Paired differences {_name(b)} − {_name(a)} on the {shared} records both edited (×100, 95% interval):\n")
     print("| " + " | ".join(PAIRED) + " |")
     print("|" + " --- |" * len(PAIRED))
     print("| " + " | ".join(_paired_cells(ref, other)) + " |\n")
@@ -178,7 +188,8 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
     """One figure of the runs' curves (report.plot_curves) and one Markdown table: a row per run and point."""
     from pmet.evaluation.report import cell, plot_curves
 
-    loaded = [json.loads((d / "curve.json").read_text()) for d in run_dirs]
+    loaded = [json.loads(d.read_text())["curve"] if d.is_file() else json.loads((d / "curve.json").read_text())
+              for d in run_dirs]
     plot_curves(loaded, str(png))
     print("| method | edits | " + " | ".join(name for _, name in CURVE_COLUMNS) + " |")
     print("| --- | --- |" + " --- |" * len(CURVE_COLUMNS))
@@ -188,9 +199,20 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
             print(f"| {c['method']} | {p['edits']} | " + " | ".join(cells) + " |")
 
 
+def digest(run_dir: Path, out: Path) -> None:
+    """One JSON file with the run's summary.json, curve.json (if any) and per-record paired metrics."""
+    kept = {"run": run_dir.name, "summary": json.loads((run_dir / "summary.json").read_text()),
+            "per_record": {str(c): {k: round(v, 6) for k, v in m.items()} for c, m in _per_record(run_dir).items()}}
+    if (run_dir / "curve.json").exists():
+        kept["curve"] = json.loads((run_dir / "curve.json").read_text())
+    out.write_text(json.dumps(kept, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--curves"] and len(sys.argv) >= 4:
         curves(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]])
+    elif sys.argv[1:2] == ["--digest"] and len(sys.argv) == 4:
+        digest(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1:2] == ["--paired"] and len(sys.argv) == 4:
         paired_runs(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
