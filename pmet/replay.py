@@ -145,6 +145,7 @@ class LayerReplay:
                  mode: str = "suffix", recorded: RecordKeyValues | None = None) -> None:
         self.layers, self.start = layers, cap.start
         self.hidden = cap.hidden_in()
+        self.dtype = self.hidden.dtype  # the model's own: what `__call__` returns, whatever `to` converts to
         self.starts = torch.zeros_like(starts)
         self.cap: LayerInputs | None = cap
         self.calls: dict[int, dict[str, Any]] = {}
@@ -180,13 +181,14 @@ class LayerReplay:
         self.hidden, self.starts, self.cap = _at(self.hidden, clipped), starts, None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run the layers on `hidden` (the state entering L at the replayed positions); returns the last state."""
+        """Run the layers on `hidden` (the state entering L at the replayed positions); returns the last state, in
+        the model's dtype."""
         if self.cap is not None:
-            return self.cap.replay(hidden)
+            return self.cap.replay(hidden).to(self.dtype)
         for i in range(self.start, len(self.layers)):
             out = self.layers[i](hidden_states=hidden, **self.calls[i])
             hidden = out[0] if isinstance(out, tuple | list) else out
-        return hidden
+        return hidden.to(self.dtype)
 
     def to(self, dtype: torch.dtype) -> None:
         """Hold the replay's floating inputs (hidden state, clean keys/values, rotary tables, additive masks) in

@@ -330,7 +330,7 @@ def _replay_passes(model: PreTrainedModel, passes: list[_Pass], edits: dict[str,
             continue
         hooks = {site: _adder(delta, ps, rows) for site, delta in edits.items()}
         with Trace(model, edits=hooks), attention_kernel(device, cfg.v_compute_dtype):
-            h = ps.replay(ps.replay.hidden).float()
+            h = ps.replay(ps.replay.hidden)
         where = torch.full((rows.n_rows,), -1, dtype=torch.long, device=device)  # batch row -> row of h
         where[ps.rows] = torch.arange(len(ps.rows), device=device)
         t = torch.nonzero(where[rows.nll_row] >= 0).flatten()

@@ -113,6 +113,16 @@ def test_bfloat16_replay_runs_in_bfloat16_and_restores_the_weights(arch):
     assert float(rel.max()) < 0.1
 
 
+@pytest.mark.parametrize("v_dtype", ["float32", "bfloat16"])
+def test_targets_of_a_bfloat16_model(v_dtype):
+    """A model loaded in bfloat16 (`--dtype bfloat16`): the replay hands the final norm and the unembedding states
+    in the model's own dtype, with or without the bfloat16 replay; targets are float32 and finite."""
+    model, tok = tiny_model("llama").to(torch.bfloat16), tiny_tokenizer()
+    targets = compute_targets(model, tok, layout_of(model), REQUESTS, TEMPLATES, cfg_for(v_compute_dtype=v_dtype))
+    assert targets.ffn.dtype == torch.float32 and torch.isfinite(targets.ffn).all()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_bfloat16_suffix_replay_matches_the_bfloat16_full_replay():
     """The clean prefix is converted with the suffix; targets stay close to the full replay's in bfloat16."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
