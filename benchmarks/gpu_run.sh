@@ -2,11 +2,11 @@
 # The GPU measurements of docs/PERFORMANCE.md, in one script sized for a short lease of one GPU:
 #   bash benchmarks/gpu_run.sh OUT        (EDITS, SIZING_REQUESTS, REPLAY_REQUESTS shrink it for a dry run)
 # 1. suffix vs full replay, 32 requests (bench_edit.py --only-replay);
-# 2. batches sized from free memory (batch_sizing: auto) vs the preset's fixed ones, and bfloat16 autocast,
+# 2. batches sized from free memory (batch_sizing: auto) vs the preset's fixed ones, and the bfloat16 replay,
 #    on 256 requests (bench_edit.py --only-variants);
 # 3. PMET on all 947 CounterFact test records end to end (pmet eval), with `nvidia-smi dmon` sampling the
 #    GPU's utilisation every second into OUT/dmon.txt (both runs);
-# 4. the same with bfloat16 autocast of the target optimisation (the unedited evaluation comes from the cache),
+# 4. the same with the target optimisation's replay in bfloat16 (the unedited evaluation comes from the cache),
 #    for the paired metric cost (make_results.py --paired).
 # OUT gets the benchmark logs, each run's summary.json and its records.jsonl.gz.
 set -uo pipefail
