@@ -37,7 +37,7 @@ def replay_precision(dtype: str, layers: nn.ModuleList, start: int, replays: lis
 
 
 def attention_kernel(device: torch.device, dtype: str) -> Any:
-    """On a CPU in low precision, attention by the math kernel: the fused kernel's bfloat16 backward is ~10× slower
+    """On a CPU in low precision, attention by the math kernel: the fused kernel's bfloat16 backward is ~20× slower
     than its float32 one there (measured: docs/PERFORMANCE.md); elsewhere the default choice."""
     if dtype == "float32" or device.type != "cpu":
         return contextlib.nullcontext()
