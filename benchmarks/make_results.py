@@ -200,12 +200,20 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
 
 
 def digest(run_dir: Path, out: Path) -> None:
-    """One JSON file with the run's summary.json, curve.json (if any) and per-record paired metrics."""
+    """One JSON file with the run's summary.json, curve.json (if any) and per-record paired metrics; written
+    atomically, never over an existing file."""
+    from pmet.fileio import atomic_write, json_writer
+
+    for bad, why in ((not (run_dir / "summary.json").is_file(), f"{run_dir}: no summary.json (not a run folder)"),
+                     (out.exists(), f"{out} exists: give a new file")):
+        if bad:
+            print(f"error: {why}", file=sys.stderr)
+            sys.exit(2)
     kept = {"run": run_dir.name, "summary": json.loads((run_dir / "summary.json").read_text()),
             "per_record": {str(c): {k: round(v, 6) for k, v in m.items()} for c, m in _per_record(run_dir).items()}}
     if (run_dir / "curve.json").exists():
         kept["curve"] = json.loads((run_dir / "curve.json").read_text())
-    out.write_text(json.dumps(kept, separators=(",", ":")) + "\n", encoding="utf-8")
+    atomic_write(out, json_writer(kept))
 
 
 if __name__ == "__main__":

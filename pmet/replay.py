@@ -81,6 +81,10 @@ class SuffixCache:
         return (self.keys[layer_idx].to(key.dtype).scatter(2, at, key),
                 self.values[layer_idx].to(value.dtype).scatter(2, at, value))
 
+    def to(self, dtype: torch.dtype) -> None:
+        self.keys = {i: k.to(dtype) for i, k in self.keys.items()}
+        self.values = {i: v.to(dtype) for i, v in self.values.items()}
+
     def select(self, rows: torch.Tensor) -> None:
         self.keys = {i: k.index_select(0, rows) for i, k in self.keys.items()}
         self.values = {i: v.index_select(0, rows) for i, v in self.values.items()}
@@ -199,8 +203,7 @@ class LayerReplay:
             return
         self.calls = {i: {k: v if isinstance(v, SuffixCache) else _cast(v, dtype) for k, v in c.items()}
                       for i, c in self.calls.items()}
-        self.cache.keys = {i: k.to(dtype) for i, k in self.cache.keys.items()}
-        self.cache.values = {i: v.to(dtype) for i, v in self.cache.values.items()}
+        self.cache.to(dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (the others' requests have stopped)."""
