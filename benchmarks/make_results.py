@@ -6,6 +6,8 @@
                                                              # and a table of the points
     python benchmarks/make_results.py --digest RUN OUT.json  # a run's summary, curve and per-record metrics in one
                                                              # small file, usable as RUN by --paired and --curves
+    python benchmarks/make_results.py --by-batch RUN...      # sequential runs: the final metrics of each batch's
+                                                             # records (how much of the early batches survives)
 
 A run is a run folder, or the digest of one (docs/results/*.json: the long runs' folders are not kept).
 
@@ -199,6 +201,28 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
             print(f"| {c['method']} | {p['edits']} | " + " | ".join(cells) + " |")
 
 
+def _summary(run: Path) -> dict:
+    return json.loads(run.read_text())["summary"] if run.is_file() else json.loads((run / "summary.json").read_text())
+
+
+def by_batch(runs_: list[Path]) -> None:
+    """Per sequential batch (in edit order), the mean ± 95% interval of its records' final metrics."""
+    summaries = [_summary(run) for run in runs_]
+    for run, s in zip(runs_, summaries, strict=True):
+        if not s.get("sequential_batches"):
+            print(f"error: {run}: not a run in sequential batches", file=sys.stderr)
+            sys.exit(2)
+    print("| method | batch | records | " + " | ".join(PAIRED[:3]) + " |")
+    print("| --- | --- | --- |" + " --- |" * 3)
+    for run, s in zip(runs_, summaries, strict=True):
+        per, ids, size = _per_record(run), s["case_ids"], s["sequential_batches"]
+        for b, start in enumerate(range(0, len(ids), size), 1):
+            batch = [per[c] for c in ids[start:start + size] if c in per]
+            cells = [mean_ci95([r[k] for r in batch]) for k in PAIRED[:3]]
+            print(f"| {s['method']} | {b} | {len(batch)} | "
+                  + " | ".join(f"{100 * m:.1f} ± {100 * h:.1f}" for m, h in cells) + " |")
+
+
 def digest(run_dir: Path, out: Path) -> None:
     """One JSON file with the run's summary.json, curve.json (if any) and per-record paired metrics; written
     atomically, never over an existing file."""
@@ -221,6 +245,8 @@ if __name__ == "__main__":
         curves(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]])
     elif sys.argv[1:2] == ["--digest"] and len(sys.argv) == 4:
         digest(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1:2] == ["--by-batch"] and len(sys.argv) >= 3:
+        by_batch([Path(a) for a in sys.argv[2:]])
     elif sys.argv[1:2] == ["--paired"] and len(sys.argv) == 4:
         paired_runs(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
