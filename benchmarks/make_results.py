@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmet.evaluation.metrics import mean_ci95, record_means  # noqa: E402
-from pmet.evaluation.report import markdown_table  # noqa: E402
+from pmet.evaluation.report import cell, markdown_table  # noqa: E402
 
 ORDER = ["ft", "rome", "memit", "pmet", "pmet+no-attn-delta", "pmet+update-attn", "pmet+even-spread"]
 STAGES = ["edit_stats", "edit_targets", "edit_update", "eval_unedited", "eval_edited"]
@@ -188,10 +188,9 @@ CURVE_COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity
 
 def curves(png: Path, run_dirs: list[Path]) -> None:
     """One figure of the runs' curves (report.plot_curves) and one Markdown table: a row per run and point."""
-    from pmet.evaluation.report import cell, plot_curves
+    from pmet.evaluation.report import plot_curves
 
-    loaded = [json.loads(d.read_text())["curve"] if d.is_file() else json.loads((d / "curve.json").read_text())
-              for d in run_dirs]
+    loaded = [_part(d, "curve") for d in run_dirs]
     plot_curves(loaded, str(png))
     print("| method | edits | " + " | ".join(name for _, name in CURVE_COLUMNS) + " |")
     print("| --- | --- |" + " --- |" * len(CURVE_COLUMNS))
@@ -201,13 +200,19 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
             print(f"| {c['method']} | {p['edits']} | " + " | ".join(cells) + " |")
 
 
-def _summary(run: Path) -> dict:
-    return json.loads(run.read_text())["summary"] if run.is_file() else json.loads((run / "summary.json").read_text())
+def _part(run: Path, name: str) -> dict:
+    """A run's summary or curve: `name`.json in a run folder, the `name` entry of a digest; one line and exit 2
+    when the run has none."""
+    try:
+        return json.loads(run.read_text())[name] if run.is_file() else json.loads((run / f"{name}.json").read_text())
+    except (OSError, KeyError, json.JSONDecodeError):
+        print(f"error: {run}: no {name} (not a run folder or digest with one)", file=sys.stderr)
+        sys.exit(2)
 
 
 def by_batch(runs_: list[Path]) -> None:
     """Per sequential batch (in edit order), the mean ± 95% interval of its records' final metrics."""
-    summaries = [_summary(run) for run in runs_]
+    summaries = [_part(run, "summary") for run in runs_]
     for run, s in zip(runs_, summaries, strict=True):
         if not s.get("sequential_batches"):
             print(f"error: {run}: not a run in sequential batches", file=sys.stderr)
@@ -218,9 +223,9 @@ def by_batch(runs_: list[Path]) -> None:
         per, ids, size = _per_record(run), s["case_ids"], s["sequential_batches"]
         for b, start in enumerate(range(0, len(ids), size), 1):
             batch = [per[c] for c in ids[start:start + size] if c in per]
-            cells = [mean_ci95([r[k] for r in batch]) for k in PAIRED[:3]]
-            print(f"| {s['method']} | {b} | {len(batch)} | "
-                  + " | ".join(f"{100 * m:.1f} ± {100 * h:.1f}" for m, h in cells) + " |")
+            cells = [cell(k, dict(zip(("mean", "ci95"), mean_ci95([r[k] for r in batch]), strict=True)))
+                     for k in PAIRED[:3]]
+            print(f"| {s['method']} | {b} | {len(batch)} | " + " | ".join(cells) + " |")
 
 
 def digest(run_dir: Path, out: Path) -> None:
