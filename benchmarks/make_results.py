@@ -23,6 +23,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmet.evaluation.metrics import mean_ci95, record_means  # noqa: E402
@@ -111,9 +112,13 @@ def protocols(runs_: list[dict]) -> None:
 def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
     """case id -> the record's mean of each paired metric on the edited model (records.jsonl, or a digest)."""
     if run_dir.is_file():
-        return {int(k): v for k, v in json.loads(run_dir.read_text())["per_record"].items()}
+        return {int(k): v for k, v in _part(run_dir, "per_record").items()}
+    try:
+        lines = (run_dir / "records.jsonl").read_text().splitlines()
+    except OSError:
+        _fail(f"{run_dir}: no records.jsonl (not a run folder or digest)")
     out = {}
-    for line in (run_dir / "records.jsonl").read_text().splitlines():
+    for line in lines:
         r = json.loads(line)
         means = record_means(r["edited"]["metrics"], name=f"{run_dir.name} case {r['case_id']}")
         out[r["case_id"]] = {k: v for k, v in means.items() if k in PAIRED}
@@ -200,14 +205,19 @@ def curves(png: Path, run_dirs: list[Path]) -> None:
             print(f"| {c['method']} | {p['edits']} | " + " | ".join(cells) + " |")
 
 
+def _fail(why: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"error: {why}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _part(run: Path, name: str) -> dict:
-    """A run's summary or curve: `name`.json in a run folder, the `name` entry of a digest; one line and exit 2
-    when the run has none."""
+    """A run's summary or curve: `name`.json in a run folder, the `name` entry of a digest (also its
+    per_record); one line and exit 2 when the run has none."""
     try:
         return json.loads(run.read_text())[name] if run.is_file() else json.loads((run / f"{name}.json").read_text())
     except (OSError, KeyError, json.JSONDecodeError):
-        print(f"error: {run}: no {name} (not a run folder or digest with one)", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{run}: no {name} (not a run folder or digest with one)")
 
 
 def by_batch(runs_: list[Path]) -> None:
@@ -215,8 +225,7 @@ def by_batch(runs_: list[Path]) -> None:
     summaries = [_part(run, "summary") for run in runs_]
     for run, s in zip(runs_, summaries, strict=True):
         if not s.get("sequential_batches"):
-            print(f"error: {run}: not a run in sequential batches", file=sys.stderr)
-            sys.exit(2)
+            _fail(f"{run}: not a run in sequential batches")
     print("| method | batch | records | " + " | ".join(PAIRED[:3]) + " |")
     print("| --- | --- | --- |" + " --- |" * 3)
     for run, s in zip(runs_, summaries, strict=True):
@@ -236,8 +245,7 @@ def digest(run_dir: Path, out: Path) -> None:
     for bad, why in ((not (run_dir / "summary.json").is_file(), f"{run_dir}: no summary.json (not a run folder)"),
                      (out.exists(), f"{out} exists: give a new file")):
         if bad:
-            print(f"error: {why}", file=sys.stderr)
-            sys.exit(2)
+            _fail(why)
     kept = {"run": run_dir.name, "summary": json.loads((run_dir / "summary.json").read_text()),
             "per_record": {str(c): {k: round(v, 6) for k, v in m.items()} for c, m in _per_record(run_dir).items()}}
     if (run_dir / "curve.json").exists():
