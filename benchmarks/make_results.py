@@ -3,7 +3,8 @@
     python benchmarks/make_results.py RUNS_DIR
     python benchmarks/make_results.py --paired RUN_A RUN_B   # B − A on the records both runs edited
     python benchmarks/make_results.py --curves OUT.png RUN...  # sequential runs' curves (curve.json): one figure,
-                                                             # and a table of the points
+                                                             # and a table of the points; RUN=LABEL names a line
+                                                             # (default: the run's method)
     python benchmarks/make_results.py --digest RUN OUT.json  # a run's summary, curve and per-record metrics in one
                                                              # small file, usable as RUN by --paired and --curves
     python benchmarks/make_results.py --by-batch RUN...      # sequential runs: the final metrics of each batch's
@@ -191,11 +192,22 @@ CURVE_COLUMNS = [("efficacy", "Eff."), ("generalization", "Gen."), ("specificity
                  ("perplexity", "PPL"), ("top1_agreement", "Top-1 agree")]
 
 
-def curves(png: Path, run_dirs: list[Path]) -> None:
+def _labelled(arg: str) -> tuple[Path, str | None]:
+    """RUN or RUN=LABEL (a path that exists as given is never split)."""
+    if "=" in arg and not Path(arg).exists():
+        run, label = arg.split("=", 1)
+        return Path(run), label
+    return Path(arg), None
+
+
+def curves(png: Path, runs: list[str]) -> None:
     """One figure of the runs' curves (report.plot_curves) and one Markdown table: a row per run and point."""
     from pmet.evaluation.report import plot_curves
 
-    loaded = [_part(d, "curve") for d in run_dirs]
+    loaded = []
+    for run, label in map(_labelled, runs):
+        c = _part(run, "curve")
+        loaded.append({**c, "method": label or c["method"]})
     plot_curves(loaded, str(png))
     print("| method | edits | " + " | ".join(name for _, name in CURVE_COLUMNS) + " |")
     print("| --- | --- |" + " --- |" * len(CURVE_COLUMNS))
@@ -255,7 +267,7 @@ def digest(run_dir: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--curves"] and len(sys.argv) >= 4:
-        curves(Path(sys.argv[2]), [Path(a) for a in sys.argv[3:]])
+        curves(Path(sys.argv[2]), sys.argv[3:])
     elif sys.argv[1:2] == ["--digest"] and len(sys.argv) == 4:
         digest(Path(sys.argv[2]), Path(sys.argv[3]))
     elif sys.argv[1:2] == ["--by-batch"] and len(sys.argv) >= 3:
