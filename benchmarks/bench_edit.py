@@ -28,7 +28,6 @@ import argparse
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -154,18 +153,24 @@ def _child_peak(argv: list[str], mode: str) -> float:
 
 
 def peak_memory_of(run, cfg, dev: torch.device) -> float:
-    """MiB the target stage adds at its peak: CUDA allocator statistics, or the process's peak RSS on a CPU
-    (this process does nothing else afterwards)."""
+    """MiB the target stage adds at its peak: CUDA allocator statistics, or on a CPU the process's resident-set
+    high-water mark (VmHWM), reset just before the stage so that loading the model does not count."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
         run(cfg)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    with open("/proc/self/status") as f:
-        start = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM to the current resident set
+    start = _status_kib("VmRSS")
     run(cfg)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+    return (_status_kib("VmHWM") - start) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 if __name__ == "__main__":
