@@ -201,14 +201,17 @@ def _labelled(arg: str) -> tuple[Path, str | None]:
 
 
 def curves(png: Path, runs: list[str]) -> None:
-    """One figure of the runs' curves (report.plot_curves) and one Markdown table: a row per run and point."""
+    """One figure of the runs' curves (report.plot_curves; written atomically, never over an existing file) and
+    one Markdown table: a row per run and point."""
     from pmet.evaluation.report import plot_curves
+    from pmet.fileio import atomic_write
 
+    _new_file(png)
     loaded = []
     for run, label in map(_labelled, runs):
         c = _part(run, "curve")
         loaded.append({**c, "method": label or c["method"]})
-    plot_curves(loaded, str(png))
+    atomic_write(png, lambda tmp: plot_curves(loaded, tmp))
     print("| method | edits | " + " | ".join(name for _, name in CURVE_COLUMNS) + " |")
     print("| --- | --- |" + " --- |" * len(CURVE_COLUMNS))
     for c in loaded:
@@ -221,6 +224,12 @@ def _fail(why: str) -> NoReturn:
     """Bad input: one line on stderr, exit 2."""
     print(f"error: {why}", file=sys.stderr)
     sys.exit(2)
+
+
+def _new_file(out: Path) -> None:
+    """An output path must not exist yet (this script never replaces a file)."""
+    if out.exists():
+        _fail(f"{out} exists: give a new file")
 
 
 def _part(run: Path, name: str) -> dict:
@@ -254,10 +263,9 @@ def digest(run_dir: Path, out: Path) -> None:
     atomically, never over an existing file."""
     from pmet.fileio import atomic_write, json_writer
 
-    for bad, why in ((not (run_dir / "summary.json").is_file(), f"{run_dir}: no summary.json (not a run folder)"),
-                     (out.exists(), f"{out} exists: give a new file")):
-        if bad:
-            _fail(why)
+    if not (run_dir / "summary.json").is_file():
+        _fail(f"{run_dir}: no summary.json (not a run folder)")
+    _new_file(out)
     kept = {"run": run_dir.name, "summary": json.loads((run_dir / "summary.json").read_text()),
             "per_record": {str(c): {k: round(v, 6) for k, v in m.items()} for c, m in _per_record(run_dir).items()}}
     if (run_dir / "curve.json").exists():
