@@ -119,10 +119,14 @@ def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
     except OSError:
         _fail(f"{run_dir}: no records.jsonl (not a run folder or digest)")
     out = {}
-    for line in lines:
-        r = json.loads(line)
-        means = record_means(r["edited"]["metrics"], name=f"{run_dir.name} case {r['case_id']}")
-        out[r["case_id"]] = {k: v for k, v in means.items() if k in PAIRED}
+    for n, line in enumerate(lines, 1):
+        try:
+            r = json.loads(line)
+            means = record_means(r["edited"]["metrics"], name=f"case {r['case_id']}")
+            out[int(r["case_id"])] = {k: v for k, v in means.items() if k in PAIRED}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            why = f"no field {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            _fail(f"{run_dir / 'records.jsonl'} line {n}: {why}")
     return out
 
 
