@@ -77,9 +77,10 @@ class SuffixCache:
         self.keys, self.values, self.index = keys, values, index
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        """Every position's keys/values, in the clean ones' dtype."""
         at = self.index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1])
-        return (self.keys[layer_idx].to(key.dtype).scatter(2, at, key),
-                self.values[layer_idx].to(value.dtype).scatter(2, at, value))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        return keys.scatter(2, at, key.to(keys.dtype)), values.scatter(2, at, value.to(values.dtype))
 
     def to(self, dtype: torch.dtype) -> None:
         self.keys = {i: k.to(dtype) for i, k in self.keys.items()}
@@ -194,16 +195,17 @@ class LayerReplay:
             hidden = out[0] if isinstance(out, tuple | list) else out
         return hidden.to(self.dtype)
 
-    def to(self, dtype: torch.dtype) -> None:
-        """Hold the replay's floating inputs (hidden state, clean keys/values, rotary tables, additive masks) in
-        `dtype`, converted once instead of at every step."""
+    def to(self, dtype: torch.dtype, clean_prefix: bool = True) -> None:
+        """Hold the replay's floating inputs (hidden state, rotary tables, additive masks, and with `clean_prefix`
+        the clean keys/values) in `dtype`, converted once instead of at every step."""
         self.hidden = self.hidden.to(dtype)
         if self.cap is not None:
             self.cap.calls = {i: (_cast(a, dtype), _cast(k, dtype)) for i, (a, k) in self.cap.calls.items()}
             return
         self.calls = {i: {k: v if isinstance(v, SuffixCache) else _cast(v, dtype) for k, v in c.items()}
                       for i, c in self.calls.items()}
-        self.cache.to(dtype)
+        if clean_prefix:
+            self.cache.to(dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (the others' requests have stopped)."""

@@ -30,7 +30,7 @@ from .arch import ModelLayout, logits_from_hidden
 from .config import PMETConfig
 from .context import ContextTemplates, flat
 from .hooks import LayerInputs, Trace
-from .precision import attention_kernel, replay_precision
+from .precision import replay_precision
 from .prompts import Encoded, compose, encode, pad_right, target_ids
 from .replay import LayerReplay, RecordKeyValues
 from .requests import EditRequest
@@ -152,7 +152,7 @@ def optimise_batch(
     a_site = layout.attn_out(cfg.L) if components and cfg.attn_delta else None
     passes, init = _record(model, tok, layout, plan, rows, [m_site] + ([a_site] if a_site else []), cfg)
     layers = model.get_submodule(layout.spec.layers)
-    with replay_precision(cfg.v_compute_dtype, layers, cfg.L, [ps.replay for ps in passes]):
+    with replay_precision(cfg.v_compute_dtype, model, layers, cfg.L, [ps.replay for ps in passes]):
         return _adam_steps(model, layout, rows, passes, init, (m_site, a_site), len(flat(templates)), cfg, on_step)
 
 
@@ -329,7 +329,7 @@ def _replay_passes(model: PreTrainedModel, passes: list[_Pass], edits: dict[str,
         if not len(ps.rows):
             continue
         hooks = {site: _adder(delta, ps, rows) for site, delta in edits.items()}
-        with Trace(model, edits=hooks), attention_kernel(device, cfg.v_compute_dtype):
+        with Trace(model, edits=hooks):
             h = ps.replay(ps.replay.hidden)
         where = torch.full((rows.n_rows,), -1, dtype=torch.long, device=device)  # batch row -> row of h
         where[ps.rows] = torch.arange(len(ps.rows), device=device)

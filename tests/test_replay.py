@@ -177,3 +177,49 @@ def test_suffix_replay_on_smollm2_matches_the_full_replay(smol, examples_path):
     assert [(d.steps, d.stop) for d in full.diagnostics] == [(d.steps, d.stop) for d in suffix.diagnostics]
     rel = (suffix.ffn - full.ffn).norm(dim=-1) / full.ffn.norm(dim=-1)
     assert float(rel.max()) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_attention_equals_transformers_sdpa(dtype):
+    """pmet.replay_attention on grouped keys/values with an explicit mask: transformers' sdpa result (grouped heads
+    passed as they are, low precision attended in float32), in the queries' dtype, gradients included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pmet.replay_attention import attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    q = torch.randn(2, 6, 4, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(2, 1, 4, 9)
+    mask[0, ..., 6:], mask[1, ..., :2] = torch.finfo(torch.float32).min, torch.finfo(torch.float32).min
+    ours, _ = attention(module, q, k, v, mask.to(dtype).clamp_min(torch.finfo(dtype).min), scaling=0.3)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, _ = sdpa_attention_forward(module, *leaves, mask, scaling=0.3)
+    assert ours.dtype == dtype and ours.shape == ref.shape == (2, 4, 6, 8)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(ours.float(), ref, **tol)
+    grads = torch.autograd.grad(ours.float().square().sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), leaves), strict=True):
+        torch.testing.assert_close(g.float(), r, **{"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else
+                                   {"rtol": 5e-2, "atol": 5e-2})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_optimisation_steps_attend_through_the_replay_attention(arch, monkeypatch):
+    """In bfloat16 the steps (not the recording forward) run pmet.replay_attention; the model is back on sdpa
+    afterwards; float32 runs transformers' own attention."""
+    import pmet.replay_attention as ra
+
+    model, tok = tiny_model(arch), tiny_tokenizer()
+    calls = []
+    real = ra.attention
+    monkeypatch.setattr(ra, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = cfg_for(v_num_grad_steps=2)
+    compute_targets(model, tok, layout_of(model), REQUESTS, TEMPLATES, cfg)
+    assert not calls
+    compute_targets(model, tok, layout_of(model), REQUESTS, TEMPLATES, cfg.replace(v_compute_dtype="bfloat16"))
+    layers = len(model.get_submodule(layout_of(model).spec.layers))
+    assert len(calls) >= 2 * (layers - cfg.L) and len(calls) % (layers - cfg.L) == 0
+    assert model.config._attn_implementation == "sdpa"
