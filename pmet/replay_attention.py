@@ -6,7 +6,8 @@ prefix's keys/values at every layer and step; here the prefix stays float32 (pme
 float32 kernel runs. Grouped keys/values (GQA: SmolLM2's 3 key/value heads for 9 query heads, Qwen2, Gemma 3)
 reach the kernel as they are (`enable_gqa`); transformers repeats them per query head whenever a mask is given.
 
-The model is switched to this function only while the optimisation steps run, and only from `sdpa`."""
+The model is switched to this function only while the optimisation steps run, only from `sdpa`, and only on a
+CPU."""
 
 from __future__ import annotations
 
@@ -46,14 +47,17 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _switchable(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa" and hasattr(
+    """A model on a CPU (elsewhere the kernels' trade-offs differ: not measured) running transformers' `sdpa`,
+    with a transformers that can switch it."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return on_cpu and getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa" and hasattr(
         model, "set_attn_implementation")
 
 
 @contextlib.contextmanager
 def replay_attention(model: nn.Module) -> Iterator[bool]:
-    """While the steps run, the model's attention is `attention` above (if the model runs transformers' `sdpa`
-    and this transformers can switch it: yields whether it did)."""
+    """While the steps run, the model's attention is `attention` above where `_switchable`; yields whether it
+    is."""
     if not _switchable(model):
         yield False
         return
