@@ -177,7 +177,7 @@ def _adam_steps(model: PreTrainedModel, layout: ModelLayout, rows: _Rows, passes
     for it in range(cfg.v_num_grad_steps):
         on_step(n_req)
         opt.zero_grad(set_to_none=True)
-        nll_states, kl_states = _replay_passes(model, passes, edits, rows, cfg, device)
+        nll_states, kl_states = _replay_passes(model, passes, edits, rows, device)
         if kl_init is None:
             kl_init = _kl_log_probs(model, layout, kl_states, rows, n_req).detach()
         loss, parts = _eq10_loss(model, layout, rows, nll_states, kl_states, kl_init, (delta_m, m0), (delta_a, a0),
@@ -321,7 +321,7 @@ def _record(model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelL
 
 
 def _replay_passes(model: PreTrainedModel, passes: list[_Pass], edits: dict[str, torch.Tensor], rows: _Rows,
-                   cfg: PMETConfig, device: torch.device) -> tuple[_Read, _Read]:
+                   device: torch.device) -> tuple[_Read, _Read]:
     """Replay every pass with each request's deltas added at its rows' subject-last token; returns the final states
     where an NLL term is read (with the term ids) and at the KL rows (with their row ids)."""
     nll_parts, kl_parts = [], []
