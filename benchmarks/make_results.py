@@ -113,7 +113,10 @@ def protocols(runs_: list[dict]) -> None:
 def _per_record(run_dir: Path) -> dict[int, dict[str, float]]:
     """case id -> the record's mean of each paired metric on the edited model (records.jsonl, or a digest)."""
     if run_dir.is_file():
-        return {int(k): v for k, v in _part(run_dir, "per_record").items()}
+        try:
+            return {int(k): dict(v) for k, v in _part(run_dir, "per_record").items()}
+        except (AttributeError, TypeError, ValueError) as e:
+            _fail(f"{run_dir}: per_record is not case id -> metrics ({str(e).splitlines()[0]})")
     try:
         lines = (run_dir / "records.jsonl").read_text().splitlines()
     except OSError:

@@ -47,3 +47,14 @@ def test_malformed_record_line_is_one_line_exit_2(tmp_path: Path, bad: str, why:
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert f"{b / 'records.jsonl'} line 2: " in out.stderr and why in out.stderr
+
+
+@pytest.mark.parametrize("per_record", [{"x": {"efficacy": 1.0}}, {"1": 0.5}, [1, 2]])
+def test_malformed_digest_is_one_line_exit_2(tmp_path: Path, per_record: object) -> None:
+    a = _run_folder(tmp_path, "a", [_record(1, [1.0])])
+    digest = tmp_path / "b.json"
+    digest.write_text(json.dumps({"summary": {}, "per_record": per_record}))
+    out = _paired(a, digest)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert f"{digest}: per_record is not case id -> metrics" in out.stderr
